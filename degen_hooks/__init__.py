@@ -1,0 +1,63 @@
+"""degen_hooks: hook-based degeneracy inspection for PyTorch models.
+
+Streams activation and Jacobian statistics out of any ``nn.Module`` (TransformerLens models
+included) in float64, and turns them into interaction-basis rotations (Bushnaq et al. 2024,
+arXiv 2405.10927 and 2405.10928), synchronized-neuron groups and degeneracy measures.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+# Statistics
+from .accumulators import CoFiring, Covariance, SecondMoment
+
+# Collecting them from a model
+from .closed_form import MLPSection, activation_derivative
+from .collect import Collection, collect
+from .jacobians import Probe
+from .sites import Site, find_sites
+from .statistics import SiteStatistics, Statistics
+
+# Errors
+from ._errors import (
+    DegenHooksError,
+    EmptyStatisticsError,
+    FormatError,
+    GradientError,
+    NonFiniteError,
+    NotFittedError,
+    ShapeMismatchError,
+    SiteNotFoundError,
+)
+
+try:
+    __version__ = version("degen-hooks")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    # statistics
+    "CoFiring",
+    "Covariance",
+    "SecondMoment",
+    "SiteStatistics",
+    "Statistics",
+    # collection
+    "Collection",
+    "MLPSection",
+    "Probe",
+    "Site",
+    "activation_derivative",
+    "collect",
+    "find_sites",
+    # errors
+    "DegenHooksError",
+    "EmptyStatisticsError",
+    "FormatError",
+    "GradientError",
+    "NonFiniteError",
+    "NotFittedError",
+    "ShapeMismatchError",
+    "SiteNotFoundError",
+]

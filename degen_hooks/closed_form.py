@@ -1,0 +1,205 @@
+"""Closed-form Jacobian Gram of MLP sections: no backward passes (lib_math §12).
+
+For a section ``x -> z = W_in x + b_in -> h = sigma(z) -> y = W_out h + b_out`` (column form,
+``nn.Linear`` weight layout) read out through a fixed matrix ``R`` (``y_hat = R^T y``), the
+Jacobian is ``J(x) = R^T W_out diag(sigma'(z)) W_in`` and
+
+    M' = E[J^T J] = W_in^T ((W_out^T R R^T W_out) * E[sigma'(z) sigma'(z)^T]) W_in,
+
+with ``*`` the elementwise product. The only data statistic is the second moment of the
+derivative vector ``sigma'(z)``, collected in the same forward pass as the activation Gram; for
+ReLU it is the co-firing matrix. A residual section ``y = x + MLP(x)`` adds the identity to
+``J`` and needs ``E[sigma'(z)]`` as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._errors import ShapeMismatchError
+from .accumulators import Covariance
+
+__all__ = ["MLPSection", "activation_derivative"]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _relu(z: torch.Tensor) -> torch.Tensor:
+    return (z > 0).to(z.dtype)
+
+
+def _gelu(z: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return cdf + z * pdf
+
+
+def _gelu_tanh(z: torch.Tensor) -> torch.Tensor:
+    inner = _SQRT_2_OVER_PI * (z + 0.044715 * z**3)
+    t = torch.tanh(inner)
+    d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner
+
+
+def _silu(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+_DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": _relu,
+    "gelu": _gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_tanh": _gelu_tanh,
+    "silu": _silu,
+    "swish": _silu,
+    "tanh": lambda z: 1.0 - torch.tanh(z) ** 2,
+    "sigmoid": lambda z: torch.sigmoid(z) * (1.0 - torch.sigmoid(z)),
+    "identity": torch.ones_like,
+    "linear": torch.ones_like,
+}
+
+
+def activation_derivative(
+    activation: str | nn.Module | Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise derivative ``sigma'`` of an activation function.
+
+    Args:
+        activation: A name (``"relu"``, ``"gelu"``, ``"gelu_new"``, ``"silu"``, ``"tanh"``,
+            ``"sigmoid"``, ``"identity"``), an ``nn.ReLU``/``nn.GELU``/... module, or any
+            elementwise callable (differentiated with autograd).
+
+    Returns:
+        A function mapping pre-activations ``z`` to ``sigma'(z)`` (same shape).
+
+    Examples:
+        >>> import torch
+        >>> activation_derivative("relu")(torch.tensor([-1.0, 2.0]))
+        tensor([0., 1.])
+    """
+    if isinstance(activation, str):
+        try:
+            return _DERIVATIVES[activation.lower()]
+        except KeyError:
+            raise ValueError(
+                f"Unknown activation {activation!r}. Known: {sorted(_DERIVATIVES)}; or pass "
+                "the activation function itself."
+            ) from None
+    if isinstance(activation, nn.ReLU):
+        return _relu
+    if isinstance(activation, nn.GELU):
+        return _gelu_tanh if activation.approximate == "tanh" else _gelu
+    if isinstance(activation, nn.SiLU):
+        return _silu
+    if isinstance(activation, nn.Identity):
+        return torch.ones_like
+    if not callable(activation):
+        raise TypeError(f"activation must be a name or a callable, got {activation!r}.")
+
+    def by_autograd(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(activation(leaf).sum(), leaf)
+        return grad
+
+    return by_autograd
+
+
+@dataclass
+class MLPSection:
+    """A ``Linear -> elementwise activation -> Linear`` section, optionally residual.
+
+    Weights use the ``nn.Linear`` layout: ``w_in`` is ``(d_mlp, d_in)``, ``w_out`` is
+    ``(d_out, d_mlp)``. Biases do not enter the Jacobian.
+
+    Attributes:
+        w_in: Input weight, shape ``(d_mlp, d_in)``.
+        w_out: Output weight, shape ``(d_out, d_mlp)``.
+        activation: Name of the activation (see :func:`activation_derivative`).
+        residual: ``True`` for ``y = x + MLP(x)`` (needs ``d_out == d_in``).
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    activation: str = "relu"
+    residual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.w_in.shape[0] != self.w_out.shape[1]:
+            raise ShapeMismatchError(
+                f"w_in {tuple(self.w_in.shape)} and w_out {tuple(self.w_out.shape)} disagree "
+                "on d_mlp (w_in is (d_mlp, d_in), w_out is (d_out, d_mlp))."
+            )
+        if self.residual and self.w_out.shape[0] != self.w_in.shape[1]:
+            raise ShapeMismatchError(
+                f"A residual section needs d_out == d_in, got {self.w_out.shape[0]} and "
+                f"{self.w_in.shape[1]}."
+            )
+
+    @classmethod
+    def from_modules(
+        cls, linear_in: nn.Linear, activation: str | nn.Module, linear_out: nn.Linear, *,
+        residual: bool = False,
+    ) -> MLPSection:
+        """Build from two ``nn.Linear`` modules and the activation between them."""
+        name = activation if isinstance(activation, str) else _activation_name(activation)
+        return cls(linear_in.weight.detach(), linear_out.weight.detach(), name, residual)
+
+    @property
+    def d_mlp(self) -> int:
+        """Hidden width."""
+        return self.w_in.shape[0]
+
+    def jacobian_gram(
+        self, derivs: Covariance, readout: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``M' = E[J^T R R^T J]`` from the moments of ``sigma'(z)``, shape ``(d_in, d_in)``.
+
+        Args:
+            derivs: Streaming moments of ``sigma'(z)`` (width ``d_mlp``), e.g.
+                ``run.stats[pre_site].derivs``.
+            readout: ``(d_out, r)`` read-out of the target; identity when ``None``.
+
+        Returns:
+            The Jacobian Gram in float64, averaged over the samples of ``derivs``.
+        """
+        if derivs.d != self.d_mlp:
+            raise ShapeMismatchError(
+                f"Derivative statistics have width {derivs.d}, but the section's hidden "
+                f"width is {self.d_mlp}: collect them at this MLP's pre-activation site."
+            )
+        f64 = torch.float64
+        w_in = self.w_in.to(f64).to(derivs.device)
+        w_out = self.w_out.to(f64).to(derivs.device)
+        q = None if readout is None else readout.to(f64).to(derivs.device)
+        q = torch.eye(w_out.shape[0], dtype=f64, device=w_in.device) if q is None else q @ q.T
+        read = w_out.T @ q @ w_out  # (d_mlp, d_mlp)
+        gram = w_in.T @ (read * derivs.second_moment()) @ w_in
+        if self.residual:
+            mean_a = w_out @ (derivs.mean()[:, None] * w_in)  # E[A], (d_in, d_in)
+            cross = mean_a.T @ q
+            gram = gram + q + cross + cross.T
+        return gram
+
+
+def _activation_name(module: nn.Module) -> str:
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    if isinstance(module, nn.Tanh):
+        return "tanh"
+    raise ValueError(
+        f"No closed form known for activation {type(module).__name__}; pass its name "
+        "('relu', 'gelu', ...) or use exact probes."
+    )

@@ -1,0 +1,487 @@
+"""``collect()``: a context manager that streams statistics out of any model through hooks.
+
+Forward hooks read activations at the chosen sites (detached, cast to float64) into
+:class:`~degen_hooks.accumulators.Covariance` accumulators. With ``jacobians=...`` they also
+capture each site's gradient edge, and ``run.backward(output)`` pushes probe vectors from a
+target back to every site (see :mod:`degen_hooks.jacobians`), accumulating Jacobian Grams.
+Every hook handle is owned by an ``ExitStack`` and removed on exit, even when the block
+raises; hooks never change what the model computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from ._checks import nonfinite_rows
+from ._errors import DegenHooksError, GradientError, ShapeMismatchError
+from .accumulators import CoFiring, Covariance, SecondMoment
+from .closed_form import activation_derivative
+from .jacobians import Probe, probe_chunks, vjp_batched
+from .sites import Site, resolve_sites
+from .statistics import SiteStatistics, Statistics
+
+__all__ = ["Collection", "collect"]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((v for v in value if isinstance(v, torch.Tensor)), None)
+    logits = getattr(value, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+class Collection:
+    """The object bound by ``with dh.collect(...) as run``; see :func:`collect`.
+
+    Attributes:
+        stats: :class:`~degen_hooks.Statistics`, keyed by site; plain objects that stay
+            valid after the block.
+        sites: The resolved :class:`~degen_hooks.Site` objects.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: str | Site | Iterable[str | Site],
+        *,
+        jacobians: Probe | str | None = None,
+        n_probes: int = 1,
+        target: str | Site | None = None,
+        readout: torch.Tensor | None = None,
+        target_positions: Any = None,
+        firing: bool | float = False,
+        derivatives: Mapping[str, str | Callable[[torch.Tensor], torch.Tensor]]
+        | None = None,
+        chunk: int = 64,
+        seed: int | None = 0,
+        nonfinite: str = "raise",
+        dtype: torch.dtype = torch.float64,
+        stats: Statistics | None = None,
+    ) -> None:
+        self.model = model
+        self._site_spec = sites
+        self.jacobians = None if jacobians is None else Probe(jacobians)
+        if n_probes < 1:
+            raise ValueError(
+                f"n_probes must be at least 1, got {n_probes}. Use jacobians=None to skip "
+                "Jacobian statistics."
+            )
+        self.n_probes = n_probes
+        self._target_spec = target
+        self.readout = readout
+        self.target_positions = target_positions
+        self.firing = firing
+        self._derivative_spec = dict(derivatives or {})
+        self.chunk = chunk
+        self.seed = seed
+        self.nonfinite = nonfinite
+        self.dtype = dtype
+        self.stats = stats if stats is not None else Statistics()
+        self._stack: contextlib.ExitStack | None = None
+        self._mask: torch.Tensor | None = None
+        self._captures: dict[str, list[tuple[Any, torch.Tensor | None, Any]]] = {}
+        self._target_captures: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._no_grad_batches: dict[str, int] = {}
+        self._generator: torch.Generator | None = None
+        self.sites: list[Site] = []
+
+    # -- context management ---------------------------------------------------------------
+    def __enter__(self) -> Collection:
+        if self._stack is not None:
+            raise DegenHooksError(
+                "This collection is already active; do not nest it in itself."
+            )
+        resolved = resolve_sites(self.model, self._site_spec)
+        derivative_fns = {
+            k: activation_derivative(v) for k, v in self._derivative_spec.items()
+        }
+        keys = {s.key for s, _ in resolved}
+        unknown = set(derivative_fns) - keys
+        if unknown:
+            raise ShapeMismatchError(
+                f"derivatives= names {sorted(unknown)}, which are not among the sites "
+                f"{sorted(keys)}. Add them to the sites."
+            )
+        target = None
+        if self._target_spec is not None:
+            if self.jacobians is None:
+                raise ValueError(
+                    "target= only matters with jacobians='exact'/'rademacher'/..."
+                )
+            target = resolve_sites(self.model, self._target_spec)[0]
+        self.sites = [s for s, _ in resolved]
+        self._init_stats(derivative_fns)
+        stack = contextlib.ExitStack()
+        try:
+            for site, module in resolved:
+                hook = self._make_hook(site, derivative_fns.get(site.key))
+                stack.enter_context(_registered(module, site.io, hook))
+            if target is not None:
+                self._target_site = target[0]
+                stack.enter_context(
+                    _registered(target[1], target[0].io, self._target_hook)
+                )
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+        # Drop references to the autograd graph so its memory is freed with the block.
+        pending = {k for k, v in self._captures.items() if v}
+        self._captures.clear()
+        self._target_captures.clear()
+        if exc_type is None and self.jacobians is not None:
+            self._check_gradients_reached(pending)
+
+    def _init_stats(self, derivative_fns: Mapping[str, Any]) -> None:
+        threshold = None
+        if self.firing is not False:
+            threshold = 0.0 if self.firing is True else float(self.firing)
+        for site in self.sites:
+            if site.key in self.stats:
+                continue  # resuming into existing statistics
+            kw = {"dtype": self.dtype, "nonfinite": self.nonfinite}
+            self.stats[site.key] = SiteStatistics(
+                acts=Covariance(**kw),
+                grads=SecondMoment(**kw) if self.jacobians is not None else None,
+                firing=CoFiring(threshold=threshold, **kw)
+                if threshold is not None
+                else None,
+                derivs=Covariance(**kw) if site.key in derivative_fns else None,
+                info=_site_info(site),
+            )
+        self.stats.metadata.update(
+            model=type(self.model).__name__,
+            sites=[s.key for s in self.sites],
+            jacobians=None if self.jacobians is None else self.jacobians.value,
+            n_probes=self.n_probes,
+            target=_describe(self._target_spec),
+            torch_version=torch.__version__,
+        )
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _make_hook(
+        self, site: Site, derivative: Callable | None
+    ) -> Callable[[torch.Tensor], None]:
+        key = site.key
+
+        def hook(act: torch.Tensor) -> None:
+            site_stats = self.stats[key]
+            mask = self._mask
+            rows = site.rows(act.detach(), mask)
+            try:
+                # The activation accumulator validates first (width, NaN/inf) and changes
+                # nothing when it refuses a batch, so the others only see accepted rows.
+                site_stats.acts.update(rows)
+                clean = rows
+                if self.nonfinite == "skip":
+                    clean = rows[~nonfinite_rows(rows)]
+                if site_stats.firing is not None:
+                    site_stats.firing.update(clean)
+                if derivative is not None:
+                    site_stats.derivs.update(derivative(clean.to(self.dtype)))
+            except DegenHooksError as err:
+                raise type(err)(
+                    f"Site {key!r}, batch {site_stats.n_batches} (activations of shape "
+                    f"{tuple(act.shape)}, dtype {act.dtype}): {err}"
+                ) from err
+            site_stats.n_batches += 1
+            if self.jacobians is not None:
+                if act.requires_grad:
+                    capture = (get_gradient_edge(act), mask, act.shape, rows.shape[0])
+                    self._captures.setdefault(key, []).append(capture)
+                else:
+                    self._no_grad_batches[key] = self._no_grad_batches.get(key, 0) + 1
+
+        return hook
+
+    def _target_hook(self, act: torch.Tensor) -> None:
+        if act.requires_grad:
+            # A clone pins the value the target produced: a later in-place op would
+            # otherwise make us differentiate the overwritten tensor.
+            self._target_captures.append((act.clone(), self._mask))
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Keep only the ``True`` positions (shape ``(batch, pos)``) in following passes.
+
+        Use it for padding: ``run.set_mask(attention_mask.bool())`` before each forward.
+        ``None`` clears the mask.
+        """
+        self._mask = None if mask is None else torch.as_tensor(mask).bool()
+
+    # -- Jacobians ------------------------------------------------------------------------
+    def backward(self, output: Any = None, *, retain_graph: bool = False) -> None:
+        """Push probe vectors from the target back to every site and accumulate Grams.
+
+        Args:
+            output: The model output of the forward pass(es) since the last call (a tensor,
+                a tuple whose first tensor is the output, or an object with ``.logits``).
+                Not needed when ``target=`` names a site.
+            retain_graph: Keep the autograd graph for a later backward pass of your own.
+
+        Raises:
+            GradientError: If Jacobians were not requested, the forward ran without
+                gradients, or the target does not depend on a site.
+        """
+        if self.jacobians is None:
+            raise GradientError(
+                "run.backward() needs Jacobian statistics: pass jacobians='exact' (or "
+                "'rademacher'/'gaussian') to dh.collect(...)."
+            )
+        self._check_grad_enabled()
+        targets = self._targets(output)
+        captures, self._captures = self._captures, {}
+        self._target_captures = []
+        if not captures:
+            raise GradientError(
+                "run.backward() found no activations captured since the last call. Run the "
+                "model inside the `with dh.collect(...)` block first."
+            )
+        edges = [(key, item) for key, items in captures.items() for item in items]
+        partial = {
+            key: SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite)
+            for key in captures
+        }
+        reached: set[str] = set()
+        for t_index, (y, y_mask) in enumerate(targets):
+            chunks = list(self._probes(y, y_mask))
+            for c_index, grad_outputs in enumerate(chunks):
+                last = t_index == len(targets) - 1 and c_index == len(chunks) - 1
+                grads = vjp_batched(
+                    y,
+                    [item[0] for _, item in edges],
+                    grad_outputs,
+                    retain_graph=retain_graph or not last,
+                )
+                for (key, (_, mask, shape, _)), g in zip(edges, grads, strict=True):
+                    if g is None:
+                        continue
+                    reached.add(key)
+                    site = self._site(key)
+                    k = g.shape[0]
+                    flat = g.reshape(k * shape[0], *shape[1:])
+                    flat_mask = None if mask is None else mask.repeat(k, 1)
+                    try:
+                        partial[key].update(
+                            site.rows(flat.detach(), flat_mask), count=0
+                        )
+                    except DegenHooksError as err:
+                        raise type(err)(f"Gradients at site {key!r}: {err}") from err
+        missing = sorted(set(captures) - reached)
+        if missing:
+            raise GradientError(
+                f"The Jacobian target does not depend on site(s) {missing}: no gradient "
+                "reached them. Choose a target downstream of every site (sites must come "
+                "before the target in the forward pass)."
+            )
+        for key, items in captures.items():
+            # Input positions are samples: normalise by the rows the site contributed.
+            partial[key].update(
+                torch.zeros(0, partial[key].d), count=sum(i[3] for i in items)
+            )
+            self.stats[key].grads.merge(partial[key])
+
+    def _targets(self, output: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self._target_spec is not None:
+            if not self._target_captures:
+                raise GradientError(
+                    f"No activation of the target site {self._target_site.key!r} with "
+                    "gradients was seen since the last backward; run the model first."
+                )
+            return list(self._target_captures)
+        y = _first_tensor(output)
+        if y is None:
+            raise GradientError(
+                f"run.backward(output) needs the model output tensor, got "
+                f"{type(output).__name__}. Pass the tensor returned by the model, or set "
+                "target='<site>' to differentiate a site instead."
+            )
+        if not y.requires_grad:
+            raise GradientError(
+                "The output passed to run.backward() does not require grad: the forward pass "
+                "ran under torch.no_grad() or torch.inference_mode(). Run it with gradients "
+                "enabled inside the block."
+            )
+        return [(y, None)]
+
+    def _probes(
+        self, y: torch.Tensor, mask: torch.Tensor | None
+    ) -> Iterable[torch.Tensor]:
+        if self._generator is None and self.seed is not None:
+            self._generator = torch.Generator(device=y.device).manual_seed(self.seed)
+        positions = self.target_positions
+        if positions is None and self._target_spec is not None:
+            positions = self._target_site.positions
+        return probe_chunks(
+            self.jacobians,
+            y.shape,
+            readout=self.readout,
+            positions=positions,
+            mask=mask if y.ndim >= 3 else None,
+            n_probes=self.n_probes,
+            chunk=self.chunk,
+            generator=self._generator,
+            dtype=y.dtype,
+            device=y.device,
+        )
+
+    def _check_grad_enabled(self) -> None:
+        if self._no_grad_batches and not self._captures:
+            key, n = next(iter(self._no_grad_batches.items()))
+            raise GradientError(
+                f"Site {key!r} was reached {n} time(s) without gradients: the forward pass "
+                "ran under torch.no_grad() or torch.inference_mode() (or no input needed "
+                "grad). Run the forward pass with gradients enabled to collect Jacobians, "
+                "or pass jacobians=None."
+            )
+
+    def _check_gradients_reached(self, pending: set[str]) -> None:
+        for key in self.stats:
+            site_stats = self.stats[key]
+            if (
+                site_stats.grads is not None
+                and site_stats.grads.n_samples == 0
+                and site_stats.n_batches
+            ):
+                why = (
+                    "the forward passes ran without gradients (torch.no_grad()?)"
+                    if key in self._no_grad_batches
+                    else "run.backward(...) was never called"
+                )
+                raise GradientError(
+                    f"No gradients reached {key!r} (activations seen for "
+                    f"{site_stats.n_batches} batches): {why}. Call run.backward(...) inside "
+                    "the `with dh.collect(...)` block, or pass jacobians=None."
+                )
+
+    def _site(self, key: str) -> Site:
+        return next(s for s in self.sites if s.key == key)
+
+    # -- a loop driven by the library ---------------------------------------------------------
+    def over(
+        self,
+        batches: Iterable[Any],
+        *,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        progress: bool = True,
+        desc: str = "collect",
+    ) -> Collection:
+        """Run the model over ``batches`` (calling ``run.backward`` when Jacobians are on).
+
+        Args:
+            batches: Any iterable of model inputs.
+            forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+            progress: Show a tqdm progress bar.
+            desc: Label of the progress bar.
+
+        Returns:
+            ``self``.
+        """
+        from tqdm.auto import tqdm
+
+        call = forward or (lambda model, batch: model(batch))
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        for batch in tqdm(
+            batches, desc=desc, total=total, disable=not progress, leave=False
+        ):
+            if self.jacobians is None:
+                with torch.no_grad():
+                    call(self.model, batch)
+            else:
+                self.backward(call(self.model, batch))
+        return self
+
+
+def collect(
+    model: nn.Module, sites: str | Site | Iterable[str | Site], **kwargs: Any
+) -> Collection:
+    """Stream float64 statistics of ``sites`` while ``model`` runs inside the block.
+
+    Args:
+        model: Any ``nn.Module``: plain PyTorch, TransformerLens, DDP-wrapped.
+        sites: Site names (dotted ``named_modules()`` paths or globs) or
+            :class:`~degen_hooks.Site` objects.
+        **kwargs: Keyword-only settings:
+
+            * ``jacobians``: ``None`` (default, activations only), ``"exact"``,
+              ``"rademacher"`` or ``"gaussian"``.
+            * ``n_probes``: random probes per backward (default 1).
+            * ``target``: a site to differentiate (local, LIB view); default: the model
+              output passed to ``run.backward(output)`` (global view).
+            * ``readout``: ``(d_target, r)`` matrix the target is read through (e.g. the
+              next site's interaction basis ``C``).
+            * ``target_positions``: positions of the target to probe.
+            * ``firing``: ``True`` or a threshold: co-firing counts of ``act > threshold``.
+            * ``derivatives``: ``{site: "relu" | "gelu" | ... | callable}``: moments of the
+              activation derivative at pre-activation sites (MLP closed form).
+            * ``chunk``: probes per batched backward (memory bound, default 64).
+            * ``seed``: seed of the random probes.
+            * ``nonfinite``: ``"raise"`` (default) or ``"skip"``.
+            * ``stats``: existing :class:`~degen_hooks.Statistics` to continue (resume).
+
+    Returns:
+        A :class:`Collection`; use it as a context manager.
+
+    Examples:
+        >>> import torch, degen_hooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> x = torch.randn(32, 3)
+        >>> with dh.collect(model, ["0"]) as run:
+        ...     _ = model(x)
+        >>> run.stats["0"].acts.cov().shape
+        torch.Size([4, 4])
+    """
+    return Collection(model, sites, **kwargs)
+
+
+@contextlib.contextmanager
+def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]):
+    """Register a read-only hook on a module's output (or input) for the block's duration."""
+    if io == "output":
+
+        def forward_hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            act = _first_tensor(output)
+            if act is not None:
+                hook(act)
+
+        handle = module.register_forward_hook(forward_hook)
+    else:
+
+        def pre_hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
+            act = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+            if act is not None:
+                hook(act)
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _site_info(site: Site) -> dict[str, Any]:
+    positions = site.positions
+    if isinstance(positions, slice):
+        positions = f"slice({positions.start}, {positions.stop}, {positions.step})"
+    elif isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    elif positions is not None and not isinstance(positions, (int, str)):
+        positions = list(positions)
+    return {"name": site.name, "io": site.io, "positions": positions}
+
+
+def _describe(target: str | Site | None) -> str | None:
+    return target.key if isinstance(target, Site) else target

@@ -1,0 +1,237 @@
+"""Sites: where in a model activations are read.
+
+A site is a module's output (or input) addressed by its dotted ``named_modules()`` path,
+e.g. ``"layers.1"`` or, on a TransformerLens model, ``"blocks.0.mlp.hook_post"`` (HookPoints
+are modules, so no special case is needed). A site may keep only some token positions; all
+leading dimensions (batch, positions, ...) are flattened into samples, the last dimension is
+the site's width ``d_site``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import nn
+
+from ._checks import closest
+from ._errors import ShapeMismatchError, SiteNotFoundError
+
+__all__ = ["Site", "find_sites", "resolve_sites"]
+
+Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place to read activations.
+
+    Args:
+        name: Dotted module path from ``model.named_modules()``.
+        io: ``"output"`` (default) reads what the module returns; ``"input"`` reads its
+            first positional argument.
+        positions: Token positions to keep from activations shaped
+            ``(batch, pos, ..., d)``: ``None`` (all), ``"last"``, an ``int``, a ``slice``, a
+            sequence of ints, or a boolean tensor of shape ``(pos,)``. A per-batch boolean
+            mask (padding) is set with ``run.set_mask(mask)`` instead.
+        label: Key of the site's statistics; defaults to ``name`` (``name + ":input"`` for
+            inputs).
+
+    Examples:
+        >>> Site("blocks.0.hook_resid_mid", positions="last").key
+        'blocks.0.hook_resid_mid'
+        >>> Site("layers.1", io="input").key
+        'layers.1:input'
+    """
+
+    name: str
+    io: str = "output"
+    positions: Positions = field(default=None, compare=False)
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.io not in ("output", "input"):
+            raise ValueError(f"Site.io must be 'output' or 'input', got {self.io!r}.")
+        if isinstance(self.positions, str) and self.positions != "last":
+            raise ValueError(
+                f"Site.positions must be None, 'last', an int, a slice, a sequence of ints "
+                f"or a boolean tensor, got {self.positions!r}."
+            )
+
+    @property
+    def key(self) -> str:
+        """The name the statistics of this site are stored under."""
+        if self.label is not None:
+            return self.label
+        return self.name if self.io == "output" else f"{self.name}:input"
+
+    def rows(self, act: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Select positions and flatten ``act`` to rows, shape ``(n_samples, d_site)``.
+
+        Args:
+            act: Activation of shape ``(batch, d)`` or ``(batch, pos, ..., d)``.
+            mask: Optional boolean ``(batch, pos)`` mask; ``False`` positions are dropped.
+        """
+        return select_positions(act, self.positions, mask, self.key).reshape(
+            -1, act.shape[-1]
+        )
+
+
+def select_positions(
+    act: torch.Tensor, positions: Positions, mask: torch.Tensor | None, key: str
+) -> torch.Tensor:
+    """Keep the chosen positions of ``act`` (dimension 1); returns ``(..., d)``.
+
+    With a ``mask`` the result is already flattened to ``(n, d)``.
+    """
+    has_pos = act.ndim >= 3
+    if (positions is not None or mask is not None) and not has_pos:
+        raise ShapeMismatchError(
+            f"Site {key!r} has activations of shape {tuple(act.shape)}, with no position "
+            "dimension (expected (batch, pos, ..., d)); drop positions=/set_mask() for it."
+        )
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=act.device).bool()
+        if tuple(mask.shape) != tuple(act.shape[:2]):
+            raise ShapeMismatchError(
+                f"Mask of shape {tuple(mask.shape)} does not match site {key!r} with "
+                f"activations {tuple(act.shape)}: expected a (batch, pos) = "
+                f"{tuple(act.shape[:2])} boolean mask."
+            )
+    if positions is not None:
+        index = _position_index(positions, act.shape[1], key)
+        act = act[:, index]
+        if mask is not None:
+            mask = mask[:, index]
+        if act.ndim == 2:  # an int position drops the dimension; keep it as rows
+            act = act.unsqueeze(1)
+            mask = None if mask is None else mask.unsqueeze(1)
+    if mask is not None:
+        return act[mask].reshape(-1, act.shape[-1])
+    return act
+
+
+def _position_index(
+    positions: Positions, n_pos: int, key: str
+) -> int | slice | torch.Tensor:
+    if isinstance(positions, str):
+        return -1
+    if isinstance(positions, int):
+        if not -n_pos <= positions < n_pos:
+            raise ShapeMismatchError(
+                f"Site {key!r} asks for position {positions}, but the activation has only "
+                f"{n_pos} positions."
+            )
+        return positions
+    if isinstance(positions, slice):
+        return positions
+    index = torch.as_tensor(positions)
+    if index.dtype == torch.bool and index.shape != (n_pos,):
+        raise ShapeMismatchError(
+            f"Site {key!r} has a position mask of shape {tuple(index.shape)}, but the "
+            f"activation has {n_pos} positions."
+        )
+    return index
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """DDP / DataParallel wrap the model as ``.module``; return the inner one and prefix."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ in (
+        "DistributedDataParallel",
+        "DataParallel",
+    ):
+        return inner, "module."
+    return model, ""
+
+
+def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str]:
+    """List module names of ``model`` matching glob pattern(s), in ``named_modules()`` order.
+
+    ``*`` matches any run of characters, dots included (``"blocks.*.mlp.hook_post"``).
+
+    Args:
+        model: Any ``nn.Module`` (TransformerLens models included).
+        pattern: A glob pattern or several; ``"*"`` lists every site.
+
+    Returns:
+        Matching dotted names (a DDP wrapper's ``module.`` prefix is dropped).
+
+    Raises:
+        SiteNotFoundError: If a pattern matches nothing.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> find_sites(model, "*")
+        ['0', '1', '2']
+    """
+    inner, _ = _unwrap(model)
+    names = [name for name, _ in inner.named_modules() if name]
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    found: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise SiteNotFoundError(_not_found_message(model, pat, names))
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def resolve_sites(
+    model: nn.Module, sites: str | Site | Iterable[str | Site]
+) -> list[tuple[Site, nn.Module]]:
+    """Turn names, globs and :class:`Site` objects into ``(site, module)`` pairs.
+
+    Raises:
+        SiteNotFoundError: For a name that is no module of ``model``, with suggestions.
+        ValueError: If two sites would store their statistics under the same key.
+    """
+    inner, _ = _unwrap(model)
+    modules = dict(inner.named_modules())
+    names = [n for n in modules if n]
+    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if not items:
+        raise ValueError(
+            "No sites given. List candidates with dh.find_sites(model, '*')."
+        )
+    resolved: list[tuple[Site, nn.Module]] = []
+    for item in items:
+        if isinstance(item, str) and any(c in item for c in _GLOB_CHARS):
+            expanded = [Site(n) for n in find_sites(inner, item)]
+        else:
+            expanded = [item if isinstance(item, Site) else Site(item)]
+        for site in expanded:
+            name = (
+                site.name.removeprefix("module.")
+                if site.name not in modules
+                else site.name
+            )
+            if name not in modules or not name:
+                raise SiteNotFoundError(_not_found_message(model, site.name, names))
+            resolved.append((site, modules[name]))
+    keys = [s.key for s, _ in resolved]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Sites {duplicates} are given more than once. Give each a distinct "
+            "Site(..., label='...') if you want several views of one module."
+        )
+    return resolved
+
+
+def _not_found_message(model: nn.Module, name: str, names: list[str]) -> str:
+    suggestions = closest(name, names)
+    hint = (
+        f" Did you mean {' or '.join(repr(s) for s in suggestions)}?"
+        if suggestions
+        else ""
+    )
+    return (
+        f"Site {name!r} not found in {type(model).__name__}.{hint} "
+        'List all sites with dh.find_sites(model, "*").'
+    )

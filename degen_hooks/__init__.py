@@ -12,6 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 # Statistics
 from .accumulators import CoFiring, Covariance, SecondMoment
 
+# Bases and their use
+from .ablation import AblationCurve, ablate, node_ablation_curve
+from .basis import InteractionBasis
+from .build import build_bases
+
 # Collecting them from a model
 from .closed_form import MLPSection, activation_derivative
 from .collect import Collection, collect
@@ -43,6 +48,12 @@ __all__ = [
     "SecondMoment",
     "SiteStatistics",
     "Statistics",
+    # bases
+    "AblationCurve",
+    "InteractionBasis",
+    "ablate",
+    "build_bases",
+    "node_ablation_curve",
     # collection
     "Collection",
     "MLPSection",

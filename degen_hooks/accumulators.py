@@ -41,9 +41,7 @@ class _Accumulator:
         nonfinite: str = "raise",
     ) -> None:
         if nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}."
-            )
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}.")
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
         self.nonfinite = nonfinite
@@ -276,9 +274,7 @@ class Covariance(_Accumulator):
         self.n_samples += n
         return self
 
-    def _combine(
-        self, weight: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor
-    ) -> None:
+    def _combine(self, weight: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         # Chan et al. (1979): exact pairwise combination of centred moments.
         total = self._weight_sum + weight
         delta = mean_b - self._mean
@@ -389,6 +385,18 @@ class SecondMoment(_Accumulator):
         self.n_samples += round(count)
         return self
 
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, count: int) -> SecondMoment:
+        """An accumulator holding a known second moment ``matrix`` over ``count`` samples.
+
+        Used for Jacobian Grams computed in closed form, so they merge like streamed ones.
+        """
+        acc = cls(matrix.shape[0], device=matrix.device)
+        acc._sum += matrix.to(acc.dtype) * count
+        acc._count += count
+        acc.n_samples = int(count)
+        return acc
+
     def _merge_state(self, other: SecondMoment) -> None:
         self._sum += other._sum.to(self.device)
         self._count += other._count.to(self.device)
@@ -422,9 +430,7 @@ class CoFiring(_Accumulator):
 
     _tensor_fields = ("counts", "co")
 
-    def __init__(
-        self, d: int | None = None, *, threshold: float = 0.0, **kwargs: Any
-    ) -> None:
+    def __init__(self, d: int | None = None, *, threshold: float = 0.0, **kwargs: Any) -> None:
         self.threshold = threshold
         super().__init__(d, **kwargs)
 
@@ -461,9 +467,7 @@ class CoFiring(_Accumulator):
         # sums live in float64.
         chunk = 1 << 23
         for start in range(0, n, chunk):
-            part = rows[start : start + chunk].to(
-                device=self.device, dtype=torch.float32
-            )
+            part = rows[start : start + chunk].to(device=self.device, dtype=torch.float32)
             self._co += (part.T @ part).to(self.dtype)
             self._counts += part.sum(dim=0).to(self.dtype)
         self.n_samples += n

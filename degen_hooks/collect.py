@@ -58,8 +58,7 @@ class Collection:
         readout: torch.Tensor | None = None,
         target_positions: Any = None,
         firing: bool | float = False,
-        derivatives: Mapping[str, str | Callable[[torch.Tensor], torch.Tensor]]
-        | None = None,
+        derivatives: Mapping[str, str | Callable[[torch.Tensor], torch.Tensor]] | None = None,
         chunk: int = 64,
         seed: int | None = 0,
         nonfinite: str = "raise",
@@ -96,13 +95,9 @@ class Collection:
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> Collection:
         if self._stack is not None:
-            raise DegenHooksError(
-                "This collection is already active; do not nest it in itself."
-            )
+            raise DegenHooksError("This collection is already active; do not nest it in itself.")
         resolved = resolve_sites(self.model, self._site_spec)
-        derivative_fns = {
-            k: activation_derivative(v) for k, v in self._derivative_spec.items()
-        }
+        derivative_fns = {k: activation_derivative(v) for k, v in self._derivative_spec.items()}
         keys = {s.key for s, _ in resolved}
         unknown = set(derivative_fns) - keys
         if unknown:
@@ -113,9 +108,7 @@ class Collection:
         target = None
         if self._target_spec is not None:
             if self.jacobians is None:
-                raise ValueError(
-                    "target= only matters with jacobians='exact'/'rademacher'/..."
-                )
+                raise ValueError("target= only matters with jacobians='exact'/'rademacher'/...")
             target = resolve_sites(self.model, self._target_spec)[0]
         self.sites = [s for s, _ in resolved]
         self._init_stats(derivative_fns)
@@ -126,9 +119,7 @@ class Collection:
                 stack.enter_context(_registered(module, site.io, hook))
             if target is not None:
                 self._target_site = target[0]
-                stack.enter_context(
-                    _registered(target[1], target[0].io, self._target_hook)
-                )
+                stack.enter_context(_registered(target[1], target[0].io, self._target_hook))
         except BaseException:
             stack.close()
             raise
@@ -157,9 +148,7 @@ class Collection:
             self.stats[site.key] = SiteStatistics(
                 acts=Covariance(**kw),
                 grads=SecondMoment(**kw) if self.jacobians is not None else None,
-                firing=CoFiring(threshold=threshold, **kw)
-                if threshold is not None
-                else None,
+                firing=CoFiring(threshold=threshold, **kw) if threshold is not None else None,
                 derivs=Covariance(**kw) if site.key in derivative_fns else None,
                 info=_site_info(site),
             )
@@ -173,9 +162,7 @@ class Collection:
         )
 
     # -- hooks ----------------------------------------------------------------------------
-    def _make_hook(
-        self, site: Site, derivative: Callable | None
-    ) -> Callable[[torch.Tensor], None]:
+    def _make_hook(self, site: Site, derivative: Callable | None) -> Callable[[torch.Tensor], None]:
         key = site.key
 
         def hook(act: torch.Tensor) -> None:
@@ -252,8 +239,7 @@ class Collection:
             )
         edges = [(key, item) for key, items in captures.items() for item in items]
         partial = {
-            key: SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite)
-            for key in captures
+            key: SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite) for key in captures
         }
         reached: set[str] = set()
         for t_index, (y, y_mask) in enumerate(targets):
@@ -275,9 +261,7 @@ class Collection:
                     flat = g.reshape(k * shape[0], *shape[1:])
                     flat_mask = None if mask is None else mask.repeat(k, 1)
                     try:
-                        partial[key].update(
-                            site.rows(flat.detach(), flat_mask), count=0
-                        )
+                        partial[key].update(site.rows(flat.detach(), flat_mask), count=0)
                     except DegenHooksError as err:
                         raise type(err)(f"Gradients at site {key!r}: {err}") from err
         missing = sorted(set(captures) - reached)
@@ -289,9 +273,7 @@ class Collection:
             )
         for key, items in captures.items():
             # Input positions are samples: normalise by the rows the site contributed.
-            partial[key].update(
-                torch.zeros(0, partial[key].d), count=sum(i[3] for i in items)
-            )
+            partial[key].update(torch.zeros(0, partial[key].d), count=sum(i[3] for i in items))
             self.stats[key].grads.merge(partial[key])
 
     def _targets(self, output: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -317,9 +299,7 @@ class Collection:
             )
         return [(y, None)]
 
-    def _probes(
-        self, y: torch.Tensor, mask: torch.Tensor | None
-    ) -> Iterable[torch.Tensor]:
+    def _probes(self, y: torch.Tensor, mask: torch.Tensor | None) -> Iterable[torch.Tensor]:
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator(device=y.device).manual_seed(self.seed)
         positions = self.target_positions
@@ -394,9 +374,7 @@ class Collection:
 
         call = forward or (lambda model, batch: model(batch))
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-        for batch in tqdm(
-            batches, desc=desc, total=total, disable=not progress, leave=False
-        ):
+        for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
             if self.jacobians is None:
                 with torch.no_grad():
                     call(self.model, batch)

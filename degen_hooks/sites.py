@@ -22,7 +22,7 @@ from ._errors import ShapeMismatchError, SiteNotFoundError
 
 __all__ = ["Site", "find_sites", "resolve_sites"]
 
-Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]
+Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
 _GLOB_CHARS = "*?["
 
 
@@ -67,7 +67,8 @@ class Site:
         """The name the statistics of this site are stored under."""
         if self.label is not None:
             return self.label
-        return self.name if self.io == "output" else f"{self.name}:input"
+        name = self.name or "output"  # the root module: the model's own output
+        return name if self.io == "output" else f"{name}:input"
 
     def rows(self, act: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Select positions and flatten ``act`` to rows, shape ``(n_samples, d_site)``.
@@ -76,9 +77,7 @@ class Site:
             act: Activation of shape ``(batch, d)`` or ``(batch, pos, ..., d)``.
             mask: Optional boolean ``(batch, pos)`` mask; ``False`` positions are dropped.
         """
-        return select_positions(act, self.positions, mask, self.key).reshape(
-            -1, act.shape[-1]
-        )
+        return select_positions(act, self.positions, mask, self.key).reshape(-1, act.shape[-1])
 
 
 def select_positions(
@@ -115,9 +114,7 @@ def select_positions(
     return act
 
 
-def _position_index(
-    positions: Positions, n_pos: int, key: str
-) -> int | slice | torch.Tensor:
+def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice | torch.Tensor:
     if isinstance(positions, str):
         return -1
     if isinstance(positions, int):
@@ -196,9 +193,7 @@ def resolve_sites(
     names = [n for n in modules if n]
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
     if not items:
-        raise ValueError(
-            "No sites given. List candidates with dh.find_sites(model, '*')."
-        )
+        raise ValueError("No sites given. List candidates with dh.find_sites(model, '*').")
     resolved: list[tuple[Site, nn.Module]] = []
     for item in items:
         if isinstance(item, str) and any(c in item for c in _GLOB_CHARS):
@@ -206,12 +201,9 @@ def resolve_sites(
         else:
             expanded = [item if isinstance(item, Site) else Site(item)]
         for site in expanded:
-            name = (
-                site.name.removeprefix("module.")
-                if site.name not in modules
-                else site.name
-            )
-            if name not in modules or not name:
+            name = site.name.removeprefix("module.") if site.name not in modules else site.name
+            # The root ("") is reachable only through an explicit Site(""): the model output.
+            if name not in modules or (not name and not isinstance(item, Site)):
                 raise SiteNotFoundError(_not_found_message(model, site.name, names))
             resolved.append((site, modules[name]))
     keys = [s.key for s, _ in resolved]
@@ -226,11 +218,7 @@ def resolve_sites(
 
 def _not_found_message(model: nn.Module, name: str, names: list[str]) -> str:
     suggestions = closest(name, names)
-    hint = (
-        f" Did you mean {' or '.join(repr(s) for s in suggestions)}?"
-        if suggestions
-        else ""
-    )
+    hint = f" Did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
     return (
         f"Site {name!r} not found in {type(model).__name__}.{hint} "
         'List all sites with dh.find_sites(model, "*").'

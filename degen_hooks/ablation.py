@@ -1,0 +1,223 @@
+"""Node ablation: run a model with only some features of a basis kept at one site.
+
+``ablate(model, basis, site, keep=k)`` rewrites the site's activation ``f`` as
+``mu + (f - mu) @ C[:, keep] @ C_pinv[keep, :]`` for the duration of the block (the mean, the
+constant direction, is always kept). ``node_ablation_curve`` evaluates a metric on held-out
+data as a function of the number of features kept, for several bases side by side, the
+papers' main evaluation of a basis (lib_math §7.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .basis import InteractionBasis, _keep_index
+from .sites import Site, _position_index, resolve_sites
+
+__all__ = ["AblationCurve", "ablate", "node_ablation_curve"]
+
+
+def _site_from_info(key: str, info: Mapping[str, Any]) -> Site:
+    positions = info.get("positions")
+    if isinstance(positions, str) and positions.startswith("slice("):
+        parts = [None if p.strip() == "None" else int(p) for p in positions[6:-1].split(",")]
+        positions = slice(*parts)
+    return Site(info.get("name", key), io=info.get("io", "output"), positions=positions, label=key)
+
+
+def _project(
+    act: torch.Tensor, projector: torch.Tensor, mean: torch.Tensor, positions: Any
+) -> torch.Tensor:
+    def rewrite(x: torch.Tensor) -> torch.Tensor:
+        x64 = x.to(torch.float64)
+        return ((x64 - mean) @ projector + mean).to(x.dtype)
+
+    if positions is None or act.ndim < 3:
+        return rewrite(act)
+    out = act.clone()
+    index = _position_index(positions, act.shape[1], "ablation")
+    out[:, index] = rewrite(act[:, index])
+    return out
+
+
+@contextlib.contextmanager
+def ablate(
+    model: nn.Module,
+    basis: InteractionBasis,
+    site: str,
+    *,
+    keep: int | Sequence[int] | None = None,
+    drop: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Keep only some features of ``basis`` at ``site`` while the block runs.
+
+    Args:
+        model: The model the basis was fitted on.
+        basis: A fitted :class:`~degen_hooks.InteractionBasis`.
+        site: Site key.
+        keep: The top ``k`` features (int) or explicit feature indices; all when ``None``.
+        drop: Feature indices to ablate (removed from ``keep``).
+
+    Yields:
+        Nothing; the model's forward passes inside the block see the rewritten activation.
+
+    Examples:
+        >>> import torch, degen_hooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()).double()
+        >>> x = torch.randn(64, 3, dtype=torch.float64)
+        >>> with dh.collect(model, ["0"]) as run:
+        ...     _ = model(x)
+        >>> pca = dh.InteractionBasis(variant="pca").fit(run.stats)
+        >>> with dh.ablate(model, pca, "0", keep=0):     # every sample -> the mean
+        ...     y = model[0](x)
+        >>> torch.allclose(y, run.stats["0"].acts.mean().expand_as(y))
+        True
+    """
+    rotation, pinv, mean = basis._get(site)
+    index = _keep_index(keep, rotation.shape[1])
+    if drop is not None:
+        dropped = set(int(i) for i in _keep_index(list(drop), rotation.shape[1]))
+        index = torch.tensor([int(i) for i in index if int(i) not in dropped], dtype=torch.long)
+    projector = rotation[:, index] @ pinv[index, :]
+    spec = _site_from_info(site, basis.site_info_.get(site, {}))
+    ((resolved, module),) = resolve_sites(model, [spec])
+
+    def rewrite(act: torch.Tensor) -> torch.Tensor:
+        dev = act.device
+        return _project(act, projector.to(dev), mean.to(dev), resolved.positions)
+
+    if resolved.io == "output":
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return rewrite(output)
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (rewrite(output[0]), *output[1:])
+            return output
+
+        handle = module.register_forward_hook(hook)
+    else:
+
+        def pre_hook(_module: nn.Module, args: Any) -> Any:
+            if args and isinstance(args[0], torch.Tensor):
+                return (rewrite(args[0]), *args[1:])
+            return args
+
+        handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class AblationCurve:
+    """Metric as a function of the number of features kept, per basis.
+
+    Attributes:
+        site: Site key.
+        n_kept: ``{basis name: [k, ...]}``.
+        values: ``{basis name: [metric at k, ...]}``.
+        baseline: Metric of the unablated model.
+    """
+
+    site: str
+    n_kept: dict[str, list[int]] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)
+    baseline: float = float("nan")
+
+    def min_features(
+        self, tolerance: float, *, higher_is_better: bool = True
+    ) -> dict[str, int | None]:
+        """Fewest features keeping the metric within ``tolerance`` of the baseline, per basis."""
+        out: dict[str, int | None] = {}
+        for name, ks in self.n_kept.items():
+            ok = [
+                k
+                for k, v in zip(ks, self.values[name], strict=True)
+                if (
+                    v >= self.baseline - tolerance
+                    if higher_is_better
+                    else v <= self.baseline + tolerance
+                )
+            ]
+            out[name] = min(ok) if ok else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "site": self.site,
+            "n_kept": self.n_kept,
+            "values": self.values,
+            "baseline": self.baseline,
+        }
+
+    def plot(self, ax: Any = None) -> Any:
+        """Plot the curves (matplotlib); returns the Figure."""
+        from .plotting import plot_ablation_curve
+
+        return plot_ablation_curve(self, ax=ax)
+
+
+def _evaluate(
+    model: nn.Module,
+    data: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    metric: Callable[[Any, Any], torch.Tensor | float],
+) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data:
+            value = torch.as_tensor(metric(forward(model, batch), batch), dtype=torch.float64)
+            total += float(value.sum())
+            count += max(value.numel(), 1)
+    return total / max(count, 1)
+
+
+def node_ablation_curve(
+    model: nn.Module,
+    bases: Mapping[str, InteractionBasis],
+    site: str,
+    data: Iterable[Any],
+    *,
+    metric: Callable[[Any, Any], torch.Tensor | float],
+    n_kept: Sequence[int] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+) -> AblationCurve:
+    """Metric on ``data`` versus the number of features kept at ``site``, for each basis.
+
+    Args:
+        model: The model.
+        bases: ``{name: fitted basis}``, e.g. ``{"LIB": lib, "PCA": pca, "neurons": neurons}``.
+        site: Site key present in every basis.
+        data: Re-iterable held-out batches.
+        metric: ``metric(output, batch)`` returning per-sample values (averaged) or a scalar.
+        n_kept: Numbers of features to try; default: every ``k`` from 0 to the width.
+        forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+        progress: Show a tqdm bar over bases and ``k``.
+
+    Returns:
+        An :class:`AblationCurve`; with every feature kept the metric equals the baseline.
+    """
+    from tqdm.auto import tqdm
+
+    call = forward or (lambda m, batch: m(batch))
+    curve = AblationCurve(site=site, baseline=_evaluate(model, data, call, metric))
+    jobs = []
+    for name, basis in bases.items():
+        width = basis.widths_[site] if hasattr(basis, "widths_") else basis._get(site)[0].shape[1]
+        ks = list(range(width + 1)) if n_kept is None else [min(k, width) for k in n_kept]
+        curve.n_kept[name], curve.values[name] = ks, []
+        jobs += [(name, basis, k) for k in ks]
+    for name, basis, k in tqdm(jobs, desc=f"ablation {site}", disable=not progress, leave=False):
+        with ablate(model, basis, site, keep=k):
+            curve.values[name].append(_evaluate(model, data, call, metric))
+    return curve

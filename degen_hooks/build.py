@@ -1,0 +1,244 @@
+"""``build_bases()``: model in, interaction bases of an ordered list of sites out.
+
+The passes (lib_math §5):
+
+1. one forward pass over the data, without gradients, collects every site's activation
+   statistics (and the output's, and the derivative moments of closed-form MLP sections);
+2. ``variant="local"`` (LIB): sites are processed from the last to the first; each site's
+   Jacobian Gram is taken through the next site's basis (``readout=C``), with batched probes
+   or, for MLP sections, in closed form without any backward pass;
+   ``variant="global"``: one backward sweep takes every site's Jacobian with respect to the
+   final output (the degeneracy paper's interaction basis);
+   ``"pca"`` / ``"neuron"``: no Jacobians.
+
+Statistics of earlier passes are reused, never recomputed; ``basis.stats_`` holds them and
+``basis.timings_`` the seconds spent in each pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import ShapeMismatchError
+from .accumulators import SecondMoment
+from .basis import InteractionBasis, interaction_rotation, pca_rotation
+from .closed_form import MLPSection
+from .collect import collect
+from .sites import Site
+from .statistics import Statistics
+
+__all__ = ["build_bases"]
+
+_VARIANTS = ("local", "global", "pca", "neuron")
+
+
+def _as_site(site: str | Site) -> Site:
+    return site if isinstance(site, Site) else Site(site)
+
+
+def build_bases(
+    model: nn.Module,
+    sites: Sequence[str | Site],
+    data: Iterable[Any],
+    *,
+    variant: str = "local",
+    output: str | Site | None = None,
+    output_positions: Any = None,
+    rotate_output: bool = False,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    jacobians: str = "exact",
+    n_probes: int = 1,
+    sections: Mapping[str, tuple[MLPSection, str | Site]] | None = None,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    n_components: int | None = None,
+    chunk: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> InteractionBasis:
+    """Build the bases of ``sites`` (ordered from input to output) in one call.
+
+    Args:
+        model: Any ``nn.Module``.
+        sites: Node layers, earliest first: names or :class:`~degen_hooks.Site` objects.
+        data: A re-iterable of batches (each pass iterates it once).
+        variant: ``"local"`` (LIB), ``"global"``, ``"pca"`` or ``"neuron"``.
+        output: The final node layer: ``None`` for the model output, or a site.
+        output_positions: Positions of the model output to use when ``output=None``.
+        rotate_output: Read the final layer through its centred PCA rotation (rib's
+            ``rotate_final_node_layer``) instead of its raw coordinates.
+        forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+        jacobians: Probes for backward passes: ``"exact"``, ``"rademacher"``,
+            ``"gaussian"``.
+        n_probes: Random probes per batch (random probe kinds only).
+        sections: Closed-form MLP sections, ``{site: (MLPSection, pre_activation_site)}``:
+            the section maps ``site`` to the next site (or the output), and the derivative
+            moments are collected at ``pre_activation_site`` (same positions as ``site``).
+        rtol: Relative eigenvalue threshold (default ``10 * d * eps``).
+        atol: Absolute eigenvalue threshold.
+        n_components: Keep at most this many features per site.
+        chunk: Probes per batched backward pass.
+        seed: Seed of random probes.
+        progress: Show tqdm progress bars.
+
+    Returns:
+        A fitted :class:`~degen_hooks.InteractionBasis` with ``stats_`` (the statistics),
+        ``timings_`` (seconds per pass) and, when rotated, ``output_rotation_``.
+
+    Examples:
+        >>> import torch, degen_hooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(5, 5), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(5, 2)).double()
+        >>> data = torch.randn(128, 3, dtype=torch.float64).split(32)
+        >>> basis = dh.build_bases(model, ["1", "3"], data, progress=False)
+        >>> sorted(basis.widths_) == ["1", "3"]
+        True
+    """
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}.")
+    site_objs = [_as_site(s) for s in sites]
+    if not site_objs:
+        raise ValueError("build_bases needs at least one site.")
+    keys = [s.key for s in site_objs]
+    sections = dict(sections or {})
+    unknown = sorted(set(sections) - set(keys))
+    if unknown:
+        raise ShapeMismatchError(
+            f"sections= names {unknown}, which are not among the sites {keys}."
+        )
+    out_site = _output_site(output, output_positions, rotate_output)
+    timings: dict[str, float] = {}
+    common = {"forward": forward, "progress": progress}
+
+    # Pass 1: activation statistics of every site (and the output, and MLP derivatives).
+    derivative_sites = {
+        f"{key}#derivs": Site(
+            _as_site(pre).name, positions=_site_of(site_objs, key).positions, label=f"{key}#derivs"
+        )
+        for key, (_, pre) in sections.items()
+    }
+    pass_sites = list(site_objs) + list(derivative_sites.values())
+    if rotate_output and out_site is not None:
+        pass_sites.append(out_site)
+    derivatives = {k: sections[k[: -len("#derivs")]][0].activation for k in derivative_sites}
+    started = time.perf_counter()
+    with collect(model, pass_sites, derivatives=derivatives) as run:
+        run.over(data, desc="activations", **common)
+    timings["activations"] = time.perf_counter() - started
+    stats = run.stats
+
+    basis_variant = {"pca": "pca", "neuron": "neuron"}.get(variant, "lib")
+    basis = InteractionBasis(variant=basis_variant, rtol=rtol, atol=atol, n_components=n_components)
+    if variant in ("pca", "neuron"):
+        basis.fit(stats, keys)
+        return _finish(basis, stats, timings, None)
+
+    readout = None
+    if rotate_output:
+        out_key = out_site.key  # type: ignore[union-attr]
+        out_rotation = pca_rotation(stats[out_key].acts.cov(), rtol=rtol, atol=atol)
+        readout = out_rotation.rotation
+    probe_kw = {"jacobians": jacobians, "n_probes": n_probes, "chunk": chunk, "seed": seed}
+    target_kw = (
+        {"target": out_site} if out_site is not None else {"target_positions": output_positions}
+    )
+
+    basis.fit_params_ = {"variant": variant}
+    if variant == "global":
+        started = time.perf_counter()
+        grad_sites = [s for s in site_objs if s.key not in sections]
+        with collect(model, grad_sites, readout=readout, **target_kw, **probe_kw) as run:
+            run.over(data, desc="jacobians (global)", **common)
+        timings["jacobians (global)"] = time.perf_counter() - started
+        for site in site_objs:
+            if site.key in sections:
+                raise ShapeMismatchError(
+                    "Closed-form sections apply to the local variant only (their Jacobian "
+                    "reaches the next site, not the output)."
+                )
+            stats[site.key].grads = run.stats[site.key].grads
+            _fit_one(basis, stats, site.key, rtol, atol, n_components)
+        return _finish(basis, stats, timings, readout)
+
+    for index in range(len(site_objs) - 1, -1, -1):
+        site = site_objs[index]
+        if index < len(site_objs) - 1:
+            nxt = site_objs[index + 1]
+            target_kw = {"target": nxt}
+            readout = basis.rotations_[nxt.key]
+        label = f"jacobians {site.key}"
+        started = time.perf_counter()
+        if site.key in sections:
+            section = sections[site.key][0]
+            gram = section.jacobian_gram(stats[f"{site.key}#derivs"].derivs, readout)
+            stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
+            label += " (closed form)"
+        else:
+            with collect(model, [site], readout=readout, **target_kw, **probe_kw) as run:
+                run.over(data, desc=label, **common)
+            stats[site.key].grads = run.stats[site.key].grads
+        _fit_one(basis, stats, site.key, rtol, atol, n_components)
+        timings[label] = time.perf_counter() - started
+    # Sites were fitted last to first; report them in model order.
+    basis.sites_ = keys
+    for attr in (
+        "rotations_",
+        "pinv_",
+        "lambdas_",
+        "gram_eigenvalues_",
+        "means_",
+        "widths_",
+        "site_info_",
+    ):
+        table = getattr(basis, attr)
+        setattr(basis, attr, {key: table[key] for key in keys})
+    return _finish(basis, stats, timings, None if not rotate_output else out_rotation.rotation)
+
+
+def _output_site(output: str | Site | None, positions: Any, rotate: bool) -> Site | None:
+    if output is not None:
+        return _as_site(output)
+    if rotate:
+        return Site("", positions=positions, label="output")
+    return None
+
+
+def _site_of(site_objs: list[Site], key: str) -> Site:
+    return next(s for s in site_objs if s.key == key)
+
+
+def _fit_one(
+    basis: InteractionBasis,
+    stats: Statistics,
+    key: str,
+    rtol: float | None,
+    atol: float,
+    n_components: int | None,
+) -> None:
+    site_stats = stats[key]
+    rotation = interaction_rotation(
+        site_stats.acts.cov(),
+        site_stats.grads.second_moment(),
+        rtol=rtol,
+        atol=atol,
+        n_components=n_components,
+    )
+    basis.add_rotation(key, rotation, site_stats.acts.mean(), info=site_stats.info)
+
+
+def _finish(
+    basis: InteractionBasis,
+    stats: Statistics,
+    timings: dict[str, float],
+    output_rotation: torch.Tensor | None,
+) -> InteractionBasis:
+    basis.stats_ = stats
+    basis.timings_ = timings
+    basis.output_rotation_ = output_rotation
+    return basis

@@ -27,7 +27,7 @@ from torch import nn
 from ._errors import ShapeMismatchError
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, interaction_rotation, pca_rotation
-from .closed_form import MLPSection
+from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
 from .sites import Site
 from .statistics import Statistics
@@ -53,7 +53,7 @@ def build_bases(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     jacobians: str = "exact",
     n_probes: int = 1,
-    sections: Mapping[str, tuple[MLPSection, str | Site]] | None = None,
+    sections: Mapping[str, tuple[MLPSection, str | Site]] | str | None = "auto",
     rtol: float | None = None,
     atol: float = 0.0,
     n_components: int | None = None,
@@ -79,6 +79,9 @@ def build_bases(
         sections: Closed-form MLP sections, ``{site: (MLPSection, pre_activation_site)}``:
             the section maps ``site`` to the next site (or the output), and the derivative
             moments are collected at ``pre_activation_site`` (same positions as ``site``).
+            ``"auto"`` (default) finds ``Linear -> activation -> Linear`` sections of
+            ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`);
+            ``None`` forces backward passes everywhere. Local variant only.
         rtol: Relative eigenvalue threshold (default ``10 * d * eps``).
         atol: Absolute eigenvalue threshold.
         n_components: Keep at most this many features per site.
@@ -106,13 +109,19 @@ def build_bases(
     if not site_objs:
         raise ValueError("build_bases needs at least one site.")
     keys = [s.key for s in site_objs]
+    out_site = _output_site(output, output_positions, rotate_output)
+    if variant != "local":
+        sections = {}
+    elif isinstance(sections, str):
+        if sections != "auto":
+            raise ValueError(f"sections must be a mapping, 'auto' or None, got {sections!r}.")
+        sections = find_mlp_sections(model, site_objs, out_site)
     sections = dict(sections or {})
     unknown = sorted(set(sections) - set(keys))
     if unknown:
         raise ShapeMismatchError(
             f"sections= names {unknown}, which are not among the sites {keys}."
         )
-    out_site = _output_site(output, output_positions, rotate_output)
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
 
@@ -152,16 +161,10 @@ def build_bases(
     basis.fit_params_ = {"variant": variant}
     if variant == "global":
         started = time.perf_counter()
-        grad_sites = [s for s in site_objs if s.key not in sections]
-        with collect(model, grad_sites, readout=readout, **target_kw, **probe_kw) as run:
+        with collect(model, site_objs, readout=readout, **target_kw, **probe_kw) as run:
             run.over(data, desc="jacobians (global)", **common)
         timings["jacobians (global)"] = time.perf_counter() - started
         for site in site_objs:
-            if site.key in sections:
-                raise ShapeMismatchError(
-                    "Closed-form sections apply to the local variant only (their Jacobian "
-                    "reaches the next site, not the output)."
-                )
             stats[site.key].grads = run.stats[site.key].grads
             _fit_one(basis, stats, site.key, rtol, atol, n_components)
         return _finish(basis, stats, timings, readout)

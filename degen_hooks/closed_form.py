@@ -23,8 +23,9 @@ from torch import nn
 
 from ._errors import ShapeMismatchError
 from .accumulators import Covariance
+from .sites import Site
 
-__all__ = ["MLPSection", "activation_derivative"]
+__all__ = ["MLPSection", "activation_derivative", "find_mlp_sections"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -146,7 +147,11 @@ class MLPSection:
 
     @classmethod
     def from_modules(
-        cls, linear_in: nn.Linear, activation: str | nn.Module, linear_out: nn.Linear, *,
+        cls,
+        linear_in: nn.Linear,
+        activation: str | nn.Module,
+        linear_out: nn.Linear,
+        *,
         residual: bool = False,
     ) -> MLPSection:
         """Build from two ``nn.Linear`` modules and the activation between them."""
@@ -203,3 +208,69 @@ def _activation_name(module: nn.Module) -> str:
         f"No closed form known for activation {type(module).__name__}; pass its name "
         "('relu', 'gelu', ...) or use exact probes."
     )
+
+
+def find_mlp_sections(
+    model: nn.Module, sites: list[Site], output: Site | None = None
+) -> dict[str, tuple[MLPSection, Site]]:
+    """Find ``Linear -> activation -> Linear`` sections between consecutive sites.
+
+    Detects them in ``nn.Sequential`` models: a site (the output of a module, or the input of a
+    ``Linear``) followed by ``Linear, activation, Linear``, ``Linear, activation`` or a lone
+    ``Linear`` whose last output is the next site (or the model output, for the last site
+    when ``output`` is ``None``). Missing pieces are identities.
+
+    Args:
+        model: The model.
+        sites: Ordered node layers.
+        output: The final node layer (``None``: the model output).
+
+    Returns:
+        ``{site key: (section, pre-activation site)}`` for every detected section.
+    """
+    if not isinstance(model, nn.Sequential):
+        return {}
+    names = [name for name, _ in model.named_children()]
+
+    def start_of(site: Site) -> int | None:  # index of the first Linear after the site
+        if site.name not in names:
+            return None
+        index = names.index(site.name)
+        return index if site.io == "input" else index + 1
+
+    def end_of(site: Site | None) -> int | None:  # index of the module producing the site
+        if site is None:
+            return len(names) - 1
+        if site.name not in names:
+            return None
+        return names.index(site.name) - (1 if site.io == "input" else 0)
+
+    found: dict[str, tuple[MLPSection, Site]] = {}
+    targets = [*sites[1:], output]
+    for site, target in zip(sites, targets, strict=True):
+        start, end = start_of(site), end_of(target)
+        if start is None or end is None or not 0 <= end - start <= 2:
+            continue
+        modules = [model[i] for i in range(start, end + 1)]
+        section = _section_of(modules)
+        if section is not None:
+            found[site.key] = (section, Site(names[start], positions=site.positions))
+    return found
+
+
+def _section_of(modules: list[nn.Module]) -> MLPSection | None:
+    """``[Linear]``, ``[Linear, act]`` or ``[Linear, act, Linear]`` as a section, else None."""
+    if not isinstance(modules[0], nn.Linear):
+        return None
+    w_in = modules[0].weight.detach()
+    if len(modules) == 1:
+        return MLPSection(w_in, torch.eye(w_in.shape[0], dtype=w_in.dtype), "identity")
+    try:
+        name = _activation_name(modules[1])
+    except ValueError:
+        return None  # an activation without a closed form: use backward passes
+    if len(modules) == 2:
+        return MLPSection(w_in, torch.eye(w_in.shape[0], dtype=w_in.dtype), name)
+    if not isinstance(modules[2], nn.Linear):
+        return None
+    return MLPSection(w_in, modules[2].weight.detach(), name)

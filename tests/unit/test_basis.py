@@ -8,7 +8,7 @@ from torch import nn
 
 import degen_hooks as dh
 from degen_hooks.basis import interaction_rotation
-from tests.cases import deep_linear, inputs, relu_mlp
+from tests.cases import deep_linear, gelu_mlp, inputs, relu_mlp
 
 F64 = torch.float64
 RTOL = 1e-9
@@ -292,3 +292,18 @@ def test_errors_teach():
         dh.InteractionBasis(variant="ica").fit(run.stats)
     with pytest.raises(ValueError, match="variant must be one of"):
         dh.build_bases(model, ["1"], [x], variant="ica")
+
+
+@pytest.mark.parametrize("factory", [relu_mlp, gelu_mlp], ids=["relu", "gelu"])
+def test_closed_form_sections_equal_backward_passes(factory):
+    model, x = factory(seed=0), inputs(300, 5, seed=1)
+    sites = ["1", "3"] if len(model) > 4 else ["1"]
+    auto = dh.build_bases(model, sites, x.split(100), progress=False)
+    assert all("closed form" in label for label in auto.timings_ if label != "activations")
+    probes = dh.build_bases(model, sites, x.split(100), sections=None, progress=False)
+    assert not any("closed form" in label for label in probes.timings_)
+    for key in sites:
+        torch.testing.assert_close(
+            projector(auto, key), projector(probes, key), rtol=1e-9, atol=1e-10
+        )
+        torch.testing.assert_close(auto.lambdas_[key], probes.lambdas_[key], rtol=1e-9, atol=1e-12)

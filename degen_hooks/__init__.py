@@ -9,21 +9,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-# Statistics
-from .accumulators import CoFiring, Covariance, SecondMoment
-
-# Bases and their use
-from .ablation import AblationCurve, ablate, node_ablation_curve
-from .basis import InteractionBasis
-from .build import build_bases
-
-# Collecting them from a model
-from .closed_form import MLPSection, activation_derivative
-from .collect import Collection, collect
-from .jacobians import Probe
-from .sites import Site, find_sites
-from .statistics import SiteStatistics, Statistics
-
 # Errors
 from ._errors import (
     DegenHooksError,
@@ -36,25 +21,34 @@ from ._errors import (
     SiteNotFoundError,
 )
 
+# Node ablation
+from .ablation import AblationCurve, ablate, node_ablation_curve
+
+# Statistics
+from .accumulators import CoFiring, Covariance, SecondMoment
+
+# Interaction bases
+from .basis import InteractionBasis
+from .build import build_bases
+
+# Collecting statistics from a model
+from .closed_form import MLPSection, activation_derivative
+from .collect import Collection, collect
+
+# Degeneracy
+from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
+from .jacobians import Probe
+from .sites import Site, find_sites
+from .statistics import SiteStatistics, Statistics
+from .synchronized import SynchronizedNeurons, find_synchronized
+
 try:
     __version__ = version("degen-hooks")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    # statistics
-    "CoFiring",
-    "Covariance",
-    "SecondMoment",
-    "SiteStatistics",
-    "Statistics",
-    # bases
-    "AblationCurve",
-    "InteractionBasis",
-    "ablate",
-    "build_bases",
-    "node_ablation_curve",
-    # collection
+    # collecting statistics
     "Collection",
     "MLPSection",
     "Probe",
@@ -62,6 +56,24 @@ __all__ = [
     "activation_derivative",
     "collect",
     "find_sites",
+    # statistics
+    "CoFiring",
+    "Covariance",
+    "SecondMoment",
+    "SiteStatistics",
+    "Statistics",
+    # interaction bases and ablation
+    "AblationCurve",
+    "InteractionBasis",
+    "ablate",
+    "build_bases",
+    "node_ablation_curve",
+    # degeneracy
+    "DegeneracyReport",
+    "SynchronizedNeurons",
+    "behavioural_null_dimension",
+    "degeneracy_report",
+    "find_synchronized",
     # errors
     "DegenHooksError",
     "EmptyStatisticsError",

@@ -225,3 +225,10 @@ def test_bad_weights_and_masks():
         dh.Covariance().update(torch.randn(4, 3), weights=-torch.ones(4))
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         dh.Covariance(nonfinite="ignore")
+
+
+def test_cofiring_thresholds_must_agree_to_merge():
+    a = dh.CoFiring(threshold=0.0).update(torch.randn(4, 3))
+    b = dh.CoFiring(threshold=0.5).update(torch.randn(4, 3))
+    with pytest.raises(dh.ShapeMismatchError, match=r"threshold=0.5\) into CoFiring\(threshold=0.0\)"):
+        a.merge(b)

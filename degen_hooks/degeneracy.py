@@ -1,0 +1,576 @@
+"""Degeneracy report: how many parameter directions leave a network's outputs unchanged.
+
+Bushnaq et al. 2024 ("Using degeneracy in the loss landscape for mechanistic
+interpretability", arXiv:2405.10927) name three internal sources of degeneracy of the
+behavioural loss ``L_B(w) = (1/n) sum_x |f(x; w) - f(x; w*)|^2``:
+
+(i) **linearly dependent activations**: if the activation covariance of a layer has rank
+    ``r < d``, the next layer's weights can move along ``a v^T`` (``v`` in the null space,
+    its bias compensating ``-a v^T mu``) without changing anything: ``d_next * (d - r)``
+    exactly free directions;
+(ii) **linearly dependent Jacobians**: if the Gram matrix of the output Jacobians
+    back-propagated to a pre-activation site has rank ``r' < d``, the incoming weights can
+    move along its null space at zero curvature: ``(d - r')`` directions per input feature;
+(iii) **synchronized neurons**: ``k`` ReLUs that fire on the same samples add ``k^2 - k``
+    directions (:class:`~degen_hooks.synchronized.SynchronizedNeurons`).
+
+The three overlap (a duplicated neuron shows up in all of them), so their counts must not be
+added. The exact count for a small model is :func:`behavioural_null_dimension`: the number of
+zero singular values of the parameter Jacobian of all outputs on all data, i.e. the null
+dimension of the Gauss-Newton matrix ``H_B = (2/n) sum_x J_w(x)^T J_w(x)`` (lib_math §4.1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from ._checks import closest
+from ._errors import EmptyStatisticsError, SiteNotFoundError
+from .statistics import Statistics
+from .synchronized import SynchronizedNeurons
+
+__all__ = [
+    "BehaviouralNull",
+    "DegeneracyReport",
+    "SiteDegeneracy",
+    "behavioural_null_dimension",
+    "degeneracy_report",
+]
+
+_EPS = torch.finfo(torch.float64).eps
+_OVERLAP_NOTE = (
+    "The three mechanisms overlap and are NOT additive: a duplicated neuron, for example, "
+    "lowers the activation rank, the Jacobian rank and forms a synchronized pair at once. Do "
+    "not sum the columns; the behavioural null dimension (rank of the parameter Jacobian of "
+    "the outputs on all data) is the exact count."
+)
+_LEGEND = (
+    "rank(cov): rank of the centred activation covariance; free out-w = d_next * (d - rank), "
+    "weights of the next layer that are exactly free (it must have a bias); rank(J): rank of "
+    "the Jacobian Gram (zero-curvature incoming directions at pre-activation sites); groups: "
+    "sizes of synchronized groups, k^2-k their extra degenerate directions."
+)
+# Modules that pass features through unchanged between a site and the next nn.Linear.
+_PASS_THROUGH = (nn.Dropout, nn.Identity)
+
+
+@dataclass(frozen=True)
+class SiteDegeneracy:
+    """Degeneracy measures of one site (one row of the report).
+
+    Attributes:
+        site: Key of the site's statistics.
+        d_site: Width of the site.
+        n_samples: Samples (rows) the activation statistics are over.
+        activation_rank: Rank of the centred activation covariance (relative threshold).
+        activation_deficiency: ``d_site - activation_rank``.
+        activation_rtol: The relative eigenvalue threshold used.
+        d_next: Rows of the next layer's weight (its output width), or ``None`` if unknown.
+        free_outgoing: ``d_next * activation_deficiency`` exactly free outgoing weight
+            directions (mechanism (i)), or ``None`` without ``d_next``.
+        jacobian_rank: Rank of the Jacobian Gram ``stats[site].grads``, or ``None``.
+        jacobian_deficiency: ``d_site - jacobian_rank``, or ``None``.
+        jacobians: How the Jacobian Gram was collected (``"exact"``, ``"rademacher"``, ...).
+        groups: Synchronized groups (sorted neuron lists), or ``None`` without firing
+            statistics.
+        group_directions: ``sum(k**2 - k)`` over ``groups``, or ``None``.
+        dead: Neurons that never fire, or ``None``.
+        always_on: Neurons that fire on every sample, or ``None``.
+        threshold: Firing threshold, or ``None``.
+    """
+
+    site: str
+    d_site: int
+    n_samples: int
+    activation_rank: int
+    activation_deficiency: int
+    activation_rtol: float
+    d_next: int | None = None
+    free_outgoing: int | None = None
+    jacobian_rank: int | None = None
+    jacobian_deficiency: int | None = None
+    jacobians: str | None = None
+    groups: list[list[int]] | None = None
+    group_directions: int | None = None
+    dead: list[int] | None = None
+    always_on: list[int] | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class BehaviouralNull:
+    """Exact zero directions of the behavioural Gauss-Newton matrix.
+
+    Attributes:
+        null_dim: ``n_params - rank``.
+        n_params: Number of scalar parameters considered.
+        rank: Numerical rank of the parameter Jacobian of the outputs.
+        n_rows: Rows of that Jacobian (samples x output entries).
+        rtol: Relative singular-value threshold used.
+    """
+
+    null_dim: int
+    n_params: int
+    rank: int
+    n_rows: int
+    rtol: float
+
+
+@dataclass(frozen=True)
+class DegeneracyReport:
+    """Per-site degeneracy measures, and the exact behavioural count when a model was given.
+
+    Render it with ``print(report)`` / :meth:`summary` (plain text), in a notebook
+    (``_repr_html_``) or as JSON with :meth:`to_dict`.
+
+    Attributes:
+        sites: One :class:`SiteDegeneracy` per site, in the order asked for.
+        behavioural: The exact count (:class:`BehaviouralNull`), or ``None``.
+        note: The statement that the mechanisms overlap and do not add up.
+    """
+
+    sites: list[SiteDegeneracy]
+    behavioural: BehaviouralNull | None = None
+    note: str = _OVERLAP_NOTE
+
+    _COLUMNS = (
+        "site",
+        "d",
+        "rank(cov)",
+        "deficiency",
+        "d_next",
+        "free out-w",
+        "rank(J)",
+        "J deficiency",
+        "dead",
+        "always-on",
+        "groups",
+        "k^2-k",
+    )
+
+    def _rows(self) -> list[list[str]]:
+        def text(value: Any) -> str:
+            return "-" if value is None else str(value)
+
+        rows = []
+        for s in self.sites:
+            sizes = None if s.groups is None else ",".join(str(len(g)) for g in s.groups) or "0"
+            rows.append(
+                [
+                    s.site,
+                    str(s.d_site),
+                    str(s.activation_rank),
+                    str(s.activation_deficiency),
+                    text(s.d_next),
+                    text(s.free_outgoing),
+                    text(s.jacobian_rank),
+                    text(s.jacobian_deficiency),
+                    text(None if s.dead is None else len(s.dead)),
+                    text(None if s.always_on is None else len(s.always_on)),
+                    text(sizes),
+                    text(s.group_directions),
+                ]
+            )
+        return rows
+
+    def _behaviour_line(self) -> str:
+        b = self.behavioural
+        if b is None:
+            return (
+                "Behavioural null dimension: not computed (pass model= and data= for the "
+                "exact count)."
+            )
+        return (
+            f"Behavioural Gauss-Newton null dimension: {b.null_dim} of {b.n_params} parameters "
+            f"(Jacobian rank {b.rank} over {b.n_rows} output rows, rtol {b.rtol:.2g})."
+        )
+
+    def _footnotes(self) -> list[str]:
+        notes = []
+        if any(s.d_next is None for s in self.sites):
+            notes.append(
+                "d_next '-': unknown; pass next_widths={site: width} (the next layer's output "
+                "width) to count free outgoing weights."
+            )
+        probes = {s.jacobians for s in self.sites if s.jacobian_rank is not None}
+        if probes - {"exact"}:
+            notes.append(
+                "rank(J) from random probes: a lower bound of the exact rank (collect with "
+                "jacobians='exact' for the exact one)."
+            )
+        return notes
+
+    def summary(self) -> str:
+        """The report as plain text.
+
+        Returns:
+            A table with one row per site, then the behavioural count, the statement that the
+            mechanisms overlap, a legend and footnotes.
+        """
+        rows = [list(self._COLUMNS), *self._rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self._COLUMNS))]
+        lines = []
+        for index, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])]
+            cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join(cells).rstrip())
+            if index == 0:
+                lines.append("-" * len(lines[0]))
+        lines += ["", self._behaviour_line(), ""]
+        for paragraph in (self.note, _LEGEND, *self._footnotes()):
+            lines.append(textwrap.fill(paragraph, width=100))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self._COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in self._rows()
+        )
+        notes = "".join(
+            f"<p>{html.escape(t)}</p>"
+            for t in (self._behaviour_line(), self.note, _LEGEND, *self._footnotes())
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data.
+
+        Returns:
+            ``{"sites": [row dicts], "behavioural": dict or None, "note": str}``, JSON-able.
+        """
+        return {
+            "sites": [asdict(s) for s in self.sites],
+            "behavioural": None if self.behavioural is None else asdict(self.behavioural),
+            "note": self.note,
+        }
+
+
+def degeneracy_report(
+    stats: Statistics,
+    sites: str | Sequence[str] | None = None,
+    *,
+    model: nn.Module | None = None,
+    data: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    rtol: float | None = None,
+    next_widths: Mapping[str, int] | None = None,
+    tolerance: float = 0.0,
+    params: str | Sequence[str] | None = None,
+) -> DegeneracyReport:
+    """Measure the three sources of degeneracy at each site, and the exact total if possible.
+
+    Per site it reads ``stats[site].acts`` (always), ``.grads`` (when collected with
+    ``jacobians=...``) and ``.firing`` (when collected with ``firing=True``).
+
+    Args:
+        stats: ``run.stats`` from :func:`degen_hooks.collect`.
+        sites: Sites to report on; ``None`` means all, in the order of ``stats``.
+        model: The model; used to infer ``d_next`` (see below) and, with ``data``, for the
+            exact behavioural count.
+        data: Inputs for :func:`behavioural_null_dimension` (a tensor or an iterable of
+            batches). Only for small models: it forms the full parameter Jacobian.
+        rtol: Relative threshold for every rank. A covariance or Gram eigenvalue counts when
+            it exceeds ``rtol * largest``; a Jacobian singular value when it exceeds
+            ``rtol * largest``. Default: ``10 * d * eps(float64)`` for the ``d x d`` site
+            matrices, ``max(n_rows, n_params) * eps(float64)`` for the Jacobian (NumPy's
+            ``matrix_rank`` rule). Raise it (e.g. ``1e-6``) for float32 / bfloat16 models,
+            whose rounding breaks exact linear dependence.
+        next_widths: ``{site: d_next}``, the number of rows of the weight that reads the site
+            (the next layer's output width). Without it ``d_next`` is inferred from ``model``
+            when the site is the input of an ``nn.Linear``, a module followed inside an
+            ``nn.Sequential`` by an ``nn.Linear`` reading ``d_site`` features (``Dropout`` /
+            ``Identity`` in between are skipped), or a TransformerLens ``mlp.hook_post``
+            (read by ``mlp.W_out``); otherwise it is unknown (``None``).
+        tolerance: Passed to :class:`~degen_hooks.synchronized.SynchronizedNeurons`.
+        params: Parameter names or globs for the behavioural count (default: all).
+
+    Returns:
+        A :class:`DegeneracyReport`.
+
+    Raises:
+        SiteNotFoundError: If a site in ``sites`` or ``next_widths`` has no statistics.
+        EmptyStatisticsError: If a site has seen no samples.
+        ValueError: If ``data`` is given without ``model``, or a width is not positive.
+
+    Examples:
+        >>> import torch, degen_hooks as dh
+        >>> from degen_hooks.degeneracy import degeneracy_report
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(3, 1)).double()
+        >>> with torch.no_grad():
+        ...     model[0].weight[1] = model[0].weight[0]; model[0].bias[1] = model[0].bias[0]
+        >>> x = torch.randn(64, 2, dtype=torch.float64)
+        >>> with dh.collect(model, ["1"], firing=True) as run:
+        ...     _ = model(x)
+        >>> row = degeneracy_report(run.stats, model=model).sites[0]
+        >>> row.activation_deficiency, row.free_outgoing, row.groups
+        (1, 1, [[0, 1]])
+    """
+    if data is not None and model is None:
+        raise ValueError(
+            "data= was given without model=: the behavioural null dimension needs both."
+        )
+    keys = list(stats) if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    widths = dict(next_widths or {})
+    for key in [*keys, *widths]:
+        stats[key]  # noqa: B018 - raises SiteNotFoundError with suggestions
+    for key, width in widths.items():
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"next_widths[{key!r}] must be a positive int, got {width!r}.")
+    rows = [_site_row(stats, key, model, widths.get(key), rtol, tolerance) for key in keys]
+    behavioural = None
+    if model is not None and data is not None:
+        null_dim, n_params, singular_values, n_rows, used = _behavioural(model, data, params, rtol)
+        behavioural = BehaviouralNull(
+            null_dim=null_dim,
+            n_params=n_params,
+            rank=n_params - null_dim,
+            n_rows=n_rows,
+            rtol=used,
+        )
+    return DegeneracyReport(sites=rows, behavioural=behavioural)
+
+
+def _site_row(
+    stats: Statistics,
+    key: str,
+    model: nn.Module | None,
+    d_next: int | None,
+    rtol: float | None,
+    tolerance: float,
+) -> SiteDegeneracy:
+    site_stats = stats[key]
+    acts = site_stats.acts
+    if acts.n_samples == 0 or acts.d is None:
+        raise EmptyStatisticsError(
+            f"Site {key!r} has seen no samples; run the model inside the `with dh.collect(...)` "
+            "block before building the report."
+        )
+    d = acts.d
+    rank, used = _rank(acts.cov(), rtol)
+    if d_next is None and model is not None:
+        d_next = _infer_next_width(model, site_stats.info, d)
+    extra: dict[str, Any] = {}
+    if site_stats.grads is not None and site_stats.grads.n_samples > 0:
+        j_rank, _ = _rank(site_stats.grads.second_moment(), rtol)
+        extra.update(
+            jacobian_rank=j_rank,
+            jacobian_deficiency=d - j_rank,
+            jacobians=stats.metadata.get("jacobians"),
+        )
+    if site_stats.firing is not None and site_stats.firing.n_samples > 0:
+        sync = SynchronizedNeurons(tolerance=tolerance).fit(site_stats.firing, site=key)
+        extra.update(
+            groups=[sorted(g) for g in sync.groups_],
+            group_directions=sync.degenerate_directions_,
+            dead=sync.dead_,
+            always_on=sync.always_on_,
+            threshold=sync.threshold_,
+        )
+    return SiteDegeneracy(
+        site=key,
+        d_site=d,
+        n_samples=acts.n_samples,
+        activation_rank=rank,
+        activation_deficiency=d - rank,
+        activation_rtol=used,
+        d_next=d_next,
+        free_outgoing=None if d_next is None else d_next * (d - rank),
+        **extra,
+    )
+
+
+def _rank(matrix: torch.Tensor, rtol: float | None) -> tuple[int, float]:
+    """Numerical rank of a symmetric PSD matrix and the relative threshold used."""
+    d = matrix.shape[0]
+    used = 10 * d * _EPS if rtol is None else float(rtol)
+    sym = matrix.to(torch.float64)
+    eigenvalues = torch.linalg.eigvalsh((sym + sym.T) / 2)
+    largest = float(eigenvalues.max()) if d else 0.0
+    if largest <= 0:
+        return 0, used
+    return int((eigenvalues > used * largest).sum()), used
+
+
+def _infer_next_width(model: nn.Module, info: Mapping[str, Any], d_site: int) -> int | None:
+    """Output width of the linear map reading the site, when the model makes it obvious."""
+    name, io = info.get("name"), info.get("io", "output")
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        return None
+    module = modules[name]
+    if io == "input":
+        if isinstance(module, nn.Linear) and module.in_features == d_site:
+            return module.out_features
+        return None
+    parent_name, _, leaf = name.rpartition(".")
+    # TransformerLens MLPs read hook_post through the parameter W_out, shape (d_mlp, d_model).
+    w_out = getattr(modules[parent_name], "W_out", None)
+    if leaf == "hook_post" and isinstance(w_out, torch.Tensor) and w_out.ndim == 2:
+        return int(w_out.shape[1]) if w_out.shape[0] == d_site else None
+    path = name.split(".")
+    while path:
+        parent = modules[".".join(path[:-1])]
+        if not isinstance(parent, nn.Sequential):
+            return None
+        children = list(parent._modules)
+        for child_name in children[children.index(path[-1]) + 1 :]:
+            child = parent._modules[child_name]
+            while isinstance(child, nn.Sequential) and len(child):
+                child = child[0]
+            if isinstance(child, _PASS_THROUGH):
+                continue
+            if isinstance(child, nn.Linear) and child.in_features == d_site:
+                return child.out_features
+            return None
+        path = path[:-1]  # last child of this Sequential: continue after the Sequential
+    return None
+
+
+def behavioural_null_dimension(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    params: str | Sequence[str] | None = None,
+    rtol: float | None = None,
+) -> tuple[int, int, torch.Tensor]:
+    """Exact number of zero directions of the behavioural-loss Gauss-Newton matrix.
+
+    Forms the parameter Jacobian ``J`` (rows: every output entry of every input; columns:
+    every parameter) with ``torch.func.jacrev`` over ``functional_call`` in float64, and
+    returns ``n_params - rank(J)``: the null dimension of ``H_B = (2/n) J^T J``, the
+    Hessian of the behavioural loss at the trained parameters. The model is not modified
+    (float64 copies of its parameters are differentiated). ``J`` is reduced chunk by chunk
+    with QR factorisations, so memory stays about ``n_params^2 + 2**23`` float64 numbers;
+    time grows like ``n_rows * n_params^2``: meant for small models.
+
+    Args:
+        model: Any ``nn.Module`` whose output (or first output tensor, or ``.logits``) is the
+            behaviour; put it in ``eval()`` mode if it has dropout.
+        inputs: All inputs, as one tensor (first dimension: samples) or an iterable of
+            batches. Floating-point inputs are cast to float64.
+        params: Parameter names, module paths or globs to differentiate (``"2.*"``); the rest
+            stay fixed. Default: every parameter.
+        rtol: Relative singular-value threshold: ``s > rtol * s_max`` counts. Default
+            ``max(n_rows, n_params) * eps(float64)`` (NumPy's ``matrix_rank`` rule).
+
+    Returns:
+        ``(null_dim, n_params, singular_values)``; the singular values of ``J`` are
+        float64, descending, shape ``(min(n_rows, n_params),)``.
+
+    Raises:
+        SiteNotFoundError: If a ``params`` entry matches no parameter or module.
+        ValueError: If the model has no parameters or ``inputs`` is empty.
+
+    Examples:
+        >>> import torch
+        >>> from degen_hooks.degeneracy import behavioural_null_dimension
+        >>> deep_linear = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False),
+        ...                                   torch.nn.Linear(4, 2, bias=False))
+        >>> null_dim, n_params, _ = behavioural_null_dimension(deep_linear, torch.randn(10, 3))
+        >>> null_dim, n_params   # 20 weights realise the 6 entries of a 2 x 3 product
+        (14, 20)
+    """
+    null_dim, n_params, singular_values, _, _ = _behavioural(model, inputs, params, rtol)
+    return null_dim, n_params, singular_values
+
+
+def _behavioural(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    params: str | Sequence[str] | None,
+    rtol: float | None,
+) -> tuple[int, int, torch.Tensor, int, float]:
+    names = _select_params(model, params)
+    named = dict(model.named_parameters())
+    chosen = {n: named[n].detach().to(torch.float64) for n in names}
+    fixed = {n: _as64(p.detach()) for n, p in named.items() if n not in chosen}
+    fixed.update({n: _as64(b.detach()) for n, b in model.named_buffers()})
+    n_params = sum(p.numel() for p in chosen.values())
+
+    def outputs(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return _first_tensor(functional_call(model, {**fixed, **p}, (x,))).reshape(-1)
+
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    r_factor: torch.Tensor | None = None
+    n_rows = 0
+    chunk: int | None = None
+    for batch in batches:
+        batch = _as64(batch)
+        if chunk is None and len(batch):
+            per_sample = outputs(chosen, batch[:1]).numel()
+            # About 2**23 float64 entries (64 MiB) of Jacobian per chunk.
+            chunk = max(1, (1 << 23) // max(1, per_sample * n_params))
+        for start in range(0, len(batch), chunk or 1):
+            jac = jacrev(outputs)(chosen, batch[start : start + (chunk or 1)])
+            rows = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)
+            n_rows += rows.shape[0]
+            stacked = rows if r_factor is None else torch.cat([r_factor, rows])
+            # R of a QR factorisation has the singular values of the stacked rows: the
+            # Jacobian never has to be held whole, and J^T J is never formed (which would
+            # square its condition number).
+            r_factor = torch.linalg.qr(stacked, mode="r")[1]
+    if r_factor is None:
+        raise ValueError("inputs is empty: give at least one sample.")
+    singular_values = torch.linalg.svdvals(r_factor).cpu()
+    used = max(n_rows, n_params) * _EPS if rtol is None else float(rtol)
+    largest = float(singular_values[0]) if len(singular_values) else 0.0
+    rank = int((singular_values > used * largest).sum()) if largest > 0 else 0
+    return n_params - rank, n_params, singular_values, n_rows, used
+
+
+def _select_params(model: nn.Module, params: str | Sequence[str] | None) -> list[str]:
+    """Parameter names chosen by name, module path or glob, in ``named_parameters()`` order."""
+    named = [n for n, _ in model.named_parameters()]
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no parameters.")
+    if params is None:
+        return named
+    chosen: set[str] = set()
+    for pattern in [params] if isinstance(params, str) else list(params):
+        hits = {
+            n
+            for n in named
+            if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".") or n == pattern
+        }
+        if not hits:
+            suggestions = closest(pattern, named)
+            hint = f" Did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
+            raise SiteNotFoundError(
+                f"params entry {pattern!r} matches no parameter of {type(model).__name__}."
+                f"{hint} List them with [n for n, _ in model.named_parameters()]."
+            )
+        chosen |= hits
+    return [n for n in named if n in chosen]
+
+
+def _as64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64) if x.is_floating_point() else x
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                return item
+    logits = getattr(value, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"The model returned {type(value).__name__}; the behavioural count needs a tensor "
+        "output (or a tuple starting with one, or an object with .logits)."
+    )

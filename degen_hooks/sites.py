@@ -150,6 +150,8 @@ def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str
     """List module names of ``model`` matching glob pattern(s), in ``named_modules()`` order.
 
     ``*`` matches any run of characters, dots included (``"blocks.*.mlp.hook_post"``).
+    On a TransformerLens ``TransformerBridge`` the hook aliases (``blocks.0.mlp.hook_post``)
+    are names too; a module matched under several names is listed once, under the first.
 
     Args:
         model: Any ``nn.Module`` (TransformerLens models included).
@@ -168,15 +170,34 @@ def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str
         ['0', '1', '2']
     """
     inner, _ = _unwrap(model)
-    names = [name for name, _ in inner.named_modules() if name]
+    modules = _site_modules(inner)
+    names = [name for name in modules if name]
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     found: list[str] = []
+    seen: set[int] = set()
     for pat in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             raise SiteNotFoundError(_not_found_message(model, pat, names))
-        found.extend(h for h in hits if h not in found)
+        for hit in hits:  # one name per module: a bridge hook matches as path and alias
+            if id(modules[hit]) not in seen:
+                seen.add(id(modules[hit]))
+                found.append(hit)
     return found
+
+
+def _is_transformer_lens(model: nn.Module) -> bool:
+    """Whether a class of ``model`` comes from TransformerLens (imports nothing)."""
+    return any(c.__module__.split(".")[0] == "transformer_lens" for c in type(model).__mro__)
+
+
+def _site_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules by site name; a TransformerLens bridge adds its hook paths and aliases."""
+    if _is_transformer_lens(model):
+        from .transformer_lens import site_modules  # lazy: only TransformerLens models
+
+        return site_modules(model)
+    return dict(model.named_modules())
 
 
 def resolve_sites(
@@ -189,7 +210,7 @@ def resolve_sites(
         ValueError: If two sites would store their statistics under the same key.
     """
     inner, _ = _unwrap(model)
-    modules = dict(inner.named_modules())
+    modules = _site_modules(inner)
     names = [n for n in modules if n]
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
     if not items:

@@ -1,0 +1,110 @@
+"""Fixtures for the TransformerLens integration tests: tiny float64 models built offline.
+
+TransformerLens must never reach the network here: weights are built from configs, never
+downloaded, and no tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+D_VOCAB, N_CTX = 11, 5
+
+
+def toy_config(act_fn: str = "relu", normalization_type: str | None = None) -> dict:
+    """The shared toy architecture: 2 blocks, d_model 8, d_mlp 16, 2 heads of width 4."""
+    return dict(
+        d_model=8,
+        n_layers=2,
+        d_mlp=16,
+        n_ctx=N_CTX,
+        d_vocab=D_VOCAB,
+        n_heads=2,
+        d_head=4,
+        act_fn=act_fn,
+        normalization_type=normalization_type,
+        attn_only=False,
+        seed=0,
+    )
+
+
+def _perturb(model: nn.Module, seed: int) -> nn.Module:
+    # Fresh models have zero biases and unit LayerNorm gains, which hide layout mistakes
+    # (a transposed W_in, a forgotten LN gain): give every parameter a random offset.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            param.add_(0.3 * noise.to(param))
+    return model.eval()
+
+
+def build_hooked(act_fn: str = "relu", normalization_type: str | None = None) -> nn.Module:
+    """A float64 ``HookedTransformer`` with random weights."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(**toy_config(act_fn, normalization_type), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    return _perturb(model, 1)
+
+
+def build_bridge(act_fn: str = "relu", normalization_type: str | None = None) -> nn.Module:
+    """A float64 ``TransformerBridge`` around a TL-native model (``boot_native``, offline)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_native(
+            toy_config(act_fn, normalization_type), dtype=torch.float64
+        )
+    return _perturb(model, 2)
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"hooked": build_hooked, "bridge": build_bridge}
+VARIANTS = [("relu", None), ("gelu", None), ("relu", "LN"), ("gelu", "LN")]
+
+
+def variant_id(variant: tuple[str, str | None]) -> str:
+    return f"{variant[0]}-{variant[1] or 'nonorm'}"
+
+
+@pytest.fixture
+def build() -> dict[str, Callable[..., nn.Module]]:
+    """Model builders by family: ``build["hooked"](act_fn, normalization_type)``."""
+    return BUILDERS
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    """A batch of token ids, shape ``(6, 5)``."""
+    return torch.randint(0, D_VOCAB, (6, N_CTX), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(params=list(BUILDERS), ids=list(BUILDERS))
+def family(request: pytest.FixtureRequest) -> str:
+    """``"hooked"`` or ``"bridge"``."""
+    return request.param
+
+
+@pytest.fixture(params=VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+def model(request: pytest.FixtureRequest, family: str) -> nn.Module:
+    """Every family x activation x normalization."""
+    return BUILDERS[family](*request.param)
+
+
+@pytest.fixture
+def plain_model(family: str) -> nn.Module:
+    """One small model per family (ReLU, no LayerNorm)."""
+    return BUILDERS[family]("relu", None)

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 # Errors
 from ._errors import (
     DegenHooksError,
+    DivergenceError,
     EmptyStatisticsError,
     FormatError,
     GradientError,
@@ -38,6 +39,9 @@ from .collect import Collection, collect
 # Degeneracy
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
 from .jacobians import Probe
+
+# Local learning coefficient
+from .llc import LLCResult, estimate_llc
 from .sites import Site, find_sites
 from .statistics import SiteStatistics, Statistics
 from .synchronized import SynchronizedNeurons, find_synchronized
@@ -74,8 +78,12 @@ __all__ = [
     "behavioural_null_dimension",
     "degeneracy_report",
     "find_synchronized",
+    # local learning coefficient
+    "LLCResult",
+    "estimate_llc",
     # errors
     "DegenHooksError",
+    "DivergenceError",
     "EmptyStatisticsError",
     "FormatError",
     "GradientError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DegenHooksError",
+    "DivergenceError",
     "EmptyStatisticsError",
     "FormatError",
     "GradientError",
@@ -53,3 +54,7 @@ class NotFittedError(DegenHooksError, AttributeError):
 
 class FormatError(DegenHooksError, ValueError):
     """A saved file is corrupted, truncated, of an unknown version or of another model."""
+
+
+class DivergenceError(DegenHooksError, RuntimeError):
+    """A sampler diverged: its loss became NaN, infinite or exploded."""

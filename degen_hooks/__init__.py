@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 # Errors
 from ._errors import (
     DegenHooksError,
+    DistributedError,
     DivergenceError,
     EmptyStatisticsError,
     FormatError,
@@ -35,6 +36,11 @@ from .build import build_bases
 # Collecting statistics from a model
 from .closed_form import MLPSection, activation_derivative
 from .collect import Collection, collect
+
+# Results that last, and across processes
+from . import io
+from .distributed import all_reduce_
+from .io import load, save
 
 # Degeneracy
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
@@ -78,11 +84,17 @@ __all__ = [
     "behavioural_null_dimension",
     "degeneracy_report",
     "find_synchronized",
+    # results and processes
+    "all_reduce_",
+    "io",
+    "load",
+    "save",
     # local learning coefficient
     "LLCResult",
     "estimate_llc",
     # errors
     "DegenHooksError",
+    "DistributedError",
     "DivergenceError",
     "EmptyStatisticsError",
     "FormatError",

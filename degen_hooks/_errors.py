@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DegenHooksError",
+    "DistributedError",
     "DivergenceError",
     "EmptyStatisticsError",
     "FormatError",
@@ -58,3 +59,7 @@ class FormatError(DegenHooksError, ValueError):
 
 class DivergenceError(DegenHooksError, RuntimeError):
     """A sampler diverged: its loss became NaN, infinite or exploded."""
+
+
+class DistributedError(DegenHooksError, RuntimeError):
+    """A collective operation failed: a rank raised, died, timed out or disagreed."""

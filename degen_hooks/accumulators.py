@@ -63,7 +63,8 @@ class _Accumulator:
         """Validate a batch and return it as float rows on the accumulator's device."""
         rows = as_rows(x, what)
         check_width(self.d, rows.shape[1], f"{type(self).__name__}: {what}")
-        return rows.to(device=self.device or rows.device, dtype=self.dtype)
+        # Detached: statistics never join the caller's autograd graph.
+        return rows.detach().to(device=self.device or rows.device, dtype=self.dtype)
 
     def _ensure_allocated(self, rows: torch.Tensor) -> None:
         # Allocated only once a batch has passed validation, so a refused first batch

@@ -9,6 +9,7 @@ the site's width ``d_site``.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ class Site:
         positions: Token positions to keep from activations shaped
             ``(batch, pos, ..., d)``: ``None`` (all), ``"last"``, an ``int``, a ``slice``, a
             sequence of ints, or a boolean tensor of shape ``(pos,)``. A per-batch boolean
-            mask (padding) is set with ``run.set_mask(mask)`` instead.
+            mask (padding) is set with ``run.set_mask(mask)`` instead; with a mask,
+            ``"last"`` means each row's last unmasked position.
         label: Key of the site's statistics; defaults to ``name`` (``name + ":input"`` for
             inputs).
 
@@ -101,6 +103,15 @@ def select_positions(
                 f"activations {tuple(act.shape)}: expected a (batch, pos) = "
                 f"{tuple(act.shape[:2])} boolean mask."
             )
+    if positions == "last" and mask is not None:
+        # With padding, "last" is each row's last unmasked position (rows of padding only
+        # are dropped).
+        n_pos = act.shape[1]
+        steps = torch.arange(n_pos, device=act.device).expand_as(mask)
+        last = torch.where(mask, steps, -1).max(dim=1).values
+        keep = last >= 0
+        rows = torch.arange(act.shape[0], device=act.device)[keep]
+        return act[rows, last[keep]].reshape(-1, act.shape[-1])
     if positions is not None:
         index = _position_index(positions, act.shape[1], key)
         act = act[:, index]
@@ -209,7 +220,7 @@ def resolve_sites(
         SiteNotFoundError: For a name that is no module of ``model``, with suggestions.
         ValueError: If two sites would store their statistics under the same key.
     """
-    inner, _ = _unwrap(model)
+    inner, prefix = _unwrap(model)
     modules = _site_modules(inner)
     names = [n for n in modules if n]
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
@@ -222,10 +233,14 @@ def resolve_sites(
         else:
             expanded = [item if isinstance(item, Site) else Site(item)]
         for site in expanded:
-            name = site.name.removeprefix("module.") if site.name not in modules else site.name
+            name = asked = site.name
+            if prefix and name not in modules and name.startswith(prefix):
+                # DDP: "module.1" and "1" are one site, stored under the unwrapped name.
+                name = name[len(prefix) :]
+                site = dataclasses.replace(site, name=name)
             # The root ("") is reachable only through an explicit Site(""): the model output.
             if name not in modules or (not name and not isinstance(item, Site)):
-                raise SiteNotFoundError(_not_found_message(model, site.name, names))
+                raise SiteNotFoundError(_not_found_message(model, asked, names))
             resolved.append((site, modules[name]))
     keys = [s.key for s, _ in resolved]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})

@@ -144,7 +144,7 @@ def test_positions_and_masks():
     torch.testing.assert_close(
         run.stats["all"].acts.cov(), torch.cov(act[mask].T, correction=0), rtol=1e-9, atol=1e-12
     )
-    last = act[:, -1][mask[:, -1]]
+    last = torch.stack([row[m][-1] for row, m in zip(act, mask, strict=True) if m.any()])
     torch.testing.assert_close(
         run.stats["last"].acts.cov(), torch.cov(last.T, correction=0), rtol=1e-9, atol=1e-12
     )
@@ -239,3 +239,16 @@ def test_stats_merge_across_runs_equals_one_run():
             merged[key].acts.cov(), runs[2][key].acts.cov(), rtol=1e-12, atol=1e-14
         )
         assert torch.equal(merged[key].firing.cofire_counts(), runs[2][key].firing.cofire_counts())
+
+
+def test_last_position_with_padding_is_the_last_real_token():
+    model = position_mixer(seed=0)
+    x = inputs(4, 4, n_pos=5, seed=3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    with dh.collect(model, [dh.Site("embed", positions="last")]) as run:
+        run.set_mask(mask)
+        model(x)
+    act = model.embed(x).detach()
+    expected = torch.stack([act[0, 2], act[1, 4], act[3, 0]])  # the padding-only row is dropped
+    torch.testing.assert_close(run.stats["embed"].acts.cov(), torch.cov(expected.T, correction=0))
+    assert run.stats["embed"].acts.n_samples == 3

@@ -102,13 +102,19 @@ def activation_derivative(
         return _silu
     if isinstance(activation, nn.Identity):
         return torch.ones_like
+    if isinstance(activation, nn.Tanh):
+        return _DERIVATIVES["tanh"]
+    if isinstance(activation, nn.Sigmoid):
+        return _DERIVATIVES["sigmoid"]
     if not callable(activation):
         raise TypeError(f"activation must be a name or a callable, got {activation!r}.")
 
     def by_autograd(z: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            leaf = z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(activation(leaf).sum(), leaf)
+        # Works inside torch.no_grad()/inference_mode() (collection hooks run there), and the
+        # clone keeps in-place activations (LeakyReLU(inplace=True)) off the leaf.
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = z.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(activation(leaf.clone()).sum(), leaf)
         return grad
 
     return by_autograd
@@ -126,6 +132,25 @@ class MLPSection:
         w_out: Output weight, shape ``(d_out, d_mlp)``.
         activation: Name of the activation (see :func:`activation_derivative`).
         residual: ``True`` for ``y = x + MLP(x)`` (needs ``d_out == d_in``).
+
+    Examples:
+        The closed form equals the Gram of exact backward probes:
+
+        >>> import torch, degen_hooks as dh
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(64, 3, dtype=torch.float64, requires_grad=True)
+        >>> sites = [dh.Site("0", io="input"), "0"]  # the section input, the pre-activation
+        >>> with dh.collect(
+        ...     model, sites, jacobians="exact", target="2", derivatives={"0": "relu"}
+        ... ) as run:
+        ...     _ = model(x)
+        ...     run.backward()
+        >>> section = dh.MLPSection.from_modules(model[0], model[1], model[2])
+        >>> closed = section.jacobian_gram(run.stats["0"].derivs)
+        >>> torch.allclose(closed, run.stats["0:input"].grads.second_moment(), rtol=1e-12)
+        True
     """
 
     w_in: torch.Tensor
@@ -176,15 +201,22 @@ class MLPSection:
         Returns:
             The Jacobian Gram in float64, averaged over the samples of ``derivs``.
         """
+        d_out = self.w_out.shape[0]
+        if readout is not None and (readout.ndim != 2 or readout.shape[0] != d_out):
+            raise ShapeMismatchError(
+                f"Readout of shape {tuple(readout.shape)} cannot read the section output of "
+                f"width {d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
+            )
         if derivs.d != self.d_mlp:
             raise ShapeMismatchError(
                 f"Derivative statistics have width {derivs.d}, but the section's hidden "
                 f"width is {self.d_mlp}: collect them at this MLP's pre-activation site."
             )
         f64 = torch.float64
-        w_in = self.w_in.to(f64).to(derivs.device)
-        w_out = self.w_out.to(f64).to(derivs.device)
-        q = None if readout is None else readout.to(f64).to(derivs.device)
+        # detach(): weights taken straight from a model must not drag autograd along.
+        w_in = self.w_in.detach().to(device=derivs.device, dtype=f64)
+        w_out = self.w_out.detach().to(device=derivs.device, dtype=f64)
+        q = None if readout is None else readout.detach().to(device=derivs.device, dtype=f64)
         q = torch.eye(w_out.shape[0], dtype=f64, device=w_in.device) if q is None else q @ q.T
         read = w_out.T @ q @ w_out  # (d_mlp, d_mlp)
         gram = w_in.T @ (read * derivs.second_moment()) @ w_in
@@ -192,7 +224,8 @@ class MLPSection:
             mean_a = w_out @ (derivs.mean()[:, None] * w_in)  # E[A], (d_in, d_in)
             cross = mean_a.T @ q
             gram = gram + q + cross + cross.T
-        return gram
+        # Symmetric by construction; symmetrise the rounding so eigh sees an exact one.
+        return (gram + gram.T) / 2
 
 
 def _activation_name(module: nn.Module) -> str:
@@ -204,6 +237,10 @@ def _activation_name(module: nn.Module) -> str:
         return "silu"
     if isinstance(module, nn.Tanh):
         return "tanh"
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid"
+    if isinstance(module, nn.Identity):
+        return "identity"
     raise ValueError(
         f"No closed form known for activation {type(module).__name__}; pass its name "
         "('relu', 'gelu', ...) or use exact probes."

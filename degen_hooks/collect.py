@@ -11,7 +11,8 @@ raises; hooks never change what the model computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,11 +20,11 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ._checks import nonfinite_rows
-from ._errors import DegenHooksError, GradientError, ShapeMismatchError
+from ._errors import DegenHooksError, GradientError, NonFiniteError, ShapeMismatchError
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
 from .jacobians import Probe, probe_chunks, vjp_batched
-from .sites import Site, resolve_sites
+from .sites import Site, _is_transformer_lens, resolve_sites
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["Collection", "collect"]
@@ -67,13 +68,26 @@ class Collection:
     ) -> None:
         self.model = model
         self._site_spec = sites
-        self.jacobians = None if jacobians is None else Probe(jacobians)
+        try:
+            self.jacobians = None if jacobians is None else Probe(jacobians)
+        except ValueError:
+            raise ValueError(
+                f"Unknown jacobians={jacobians!r}. Choose None (activations only), 'exact', "
+                "'rademacher' or 'gaussian'."
+            ) from None
         if n_probes < 1:
             raise ValueError(
                 f"n_probes must be at least 1, got {n_probes}. Use jacobians=None to skip "
                 "Jacobian statistics."
             )
         self.n_probes = n_probes
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 probe per backward pass, got {chunk}.")
+        if readout is not None and (not isinstance(readout, torch.Tensor) or readout.ndim != 2):
+            raise ShapeMismatchError(
+                "readout must be a (d_target, r) matrix (torch.Tensor), got "
+                f"{getattr(readout, 'shape', type(readout).__name__)}."
+            )
         self._target_spec = target
         self.readout = readout
         self.target_positions = target_positions
@@ -89,6 +103,8 @@ class Collection:
         self._captures: dict[str, list[tuple[Any, torch.Tensor | None, Any]]] = {}
         self._target_captures: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._no_grad_batches: dict[str, int] = {}
+        self._no_grad_reason: dict[str, str] = {}
+        self._pending_no_grad: set[str] = set()
         self._generator: torch.Generator | None = None
         self.sites: list[Site] = []
 
@@ -160,6 +176,10 @@ class Collection:
             target=_describe(self._target_spec),
             torch_version=torch.__version__,
         )
+        if _is_transformer_lens(self.model):
+            from .transformer_lens import record_metadata  # lazy: TransformerLens models only
+
+            record_metadata(self.stats, self.model, stacklevel=4)  # warns at the user's `with`
 
     # -- hooks ----------------------------------------------------------------------------
     def _make_hook(self, site: Site, derivative: Callable | None) -> Callable[[torch.Tensor], None]:
@@ -192,6 +212,8 @@ class Collection:
                     self._captures.setdefault(key, []).append(capture)
                 else:
                     self._no_grad_batches[key] = self._no_grad_batches.get(key, 0) + 1
+                    self._no_grad_reason[key] = _why_no_grad()
+                    self._pending_no_grad.add(key)
 
         return hook
 
@@ -213,15 +235,22 @@ class Collection:
     def backward(self, output: Any = None, *, retain_graph: bool = False) -> None:
         """Push probe vectors from the target back to every site and accumulate Grams.
 
+        Every forward pass since the last call must lead to the target: call it once per
+        forward pass (``run.backward(model(x))``). A mask set with :meth:`set_mask` also
+        selects the probed positions of a ``(batch, pos, ...)`` model output.
+
         Args:
-            output: The model output of the forward pass(es) since the last call (a tensor,
-                a tuple whose first tensor is the output, or an object with ``.logits``).
+            output: The model output of the forward pass since the last call (a tensor, a
+                tuple whose first tensor is the output, or an object with ``.logits``).
                 Not needed when ``target=`` names a site.
             retain_graph: Keep the autograd graph for a later backward pass of your own.
 
         Raises:
-            GradientError: If Jacobians were not requested, the forward ran without
-                gradients, or the target does not depend on a site.
+            GradientError: If Jacobians were not requested, no forward pass ran since the
+                last call, the forward ran without gradients, the target does not depend on
+                a site, or a batched backward cannot run under ``torch.vmap``.
+            NonFiniteError: If a gradient is NaN/inf (with ``nonfinite="raise"``); the
+                statistics keep their previous values.
         """
         if self.jacobians is None:
             raise GradientError(
@@ -238,43 +267,95 @@ class Collection:
                 "model inside the `with dh.collect(...)` block first."
             )
         edges = [(key, item) for key, items in captures.items() for item in items]
-        partial = {
-            key: SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite) for key in captures
-        }
-        reached: set[str] = set()
+        sums: dict[str, torch.Tensor] = {}
+        skipped = dict.fromkeys(captures, 0)
+        reached = [False] * len(edges)
         for t_index, (y, y_mask) in enumerate(targets):
-            chunks = list(self._probes(y, y_mask))
-            for c_index, grad_outputs in enumerate(chunks):
-                last = t_index == len(targets) - 1 and c_index == len(chunks) - 1
+            for grad_outputs, is_last in _with_last(self._probes(y, y_mask)):
+                last = is_last and t_index == len(targets) - 1
                 grads = vjp_batched(
                     y,
                     [item[0] for _, item in edges],
                     grad_outputs,
                     retain_graph=retain_graph or not last,
                 )
-                for (key, (_, mask, shape, _)), g in zip(edges, grads, strict=True):
+                for index, ((key, (_, mask, shape, _)), g) in enumerate(
+                    zip(edges, grads, strict=True)
+                ):
                     if g is None:
                         continue
-                    reached.add(key)
-                    site = self._site(key)
+                    reached[index] = True
                     k = g.shape[0]
-                    flat = g.reshape(k * shape[0], *shape[1:])
+                    flat = g.detach().reshape(k * shape[0], *shape[1:])
                     flat_mask = None if mask is None else mask.repeat(k, 1)
-                    try:
-                        partial[key].update(site.rows(flat.detach(), flat_mask), count=0)
-                    except DegenHooksError as err:
-                        raise type(err)(f"Gradients at site {key!r}: {err}") from err
-        missing = sorted(set(captures) - reached)
-        if missing:
-            raise GradientError(
-                f"The Jacobian target does not depend on site(s) {missing}: no gradient "
-                "reached them. Choose a target downstream of every site (sites must come "
-                "before the target in the forward pass)."
-            )
+                    rows = self._site(key).rows(flat, flat_mask).to(self.dtype)
+                    gram, n_bad = self._gram(key, rows)
+                    skipped[key] += n_bad
+                    sums[key] = gram if key not in sums else sums[key].add_(gram)
+        self._check_reached(edges, reached)
         for key, items in captures.items():
             # Input positions are samples: normalise by the rows the site contributed.
-            partial[key].update(torch.zeros(0, partial[key].d), count=sum(i[3] for i in items))
-            self.stats[key].grads.merge(partial[key])
+            n_rows = sum(item[3] for item in items)
+            partial = SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite)
+            partial.load_state_dict(
+                {
+                    "n_samples": torch.tensor(n_rows),
+                    "n_skipped": torch.tensor(skipped[key]),
+                    "count": torch.tensor(float(n_rows), dtype=self.dtype, device=sums[key].device),
+                    "sum": sums[key],
+                }
+            )
+            self.stats[key].grads.merge(partial)
+
+    def _gram(self, key: str, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``rows^T rows`` (float64) and the number of non-finite rows dropped."""
+        gram = rows.T @ rows
+        # A NaN/inf row makes the (d, d) Gram non-finite: checking it costs O(d^2), not a
+        # pass over every gradient row.
+        if bool(torch.isfinite(gram).all()):
+            return gram, 0
+        bad = nonfinite_rows(rows)
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            raise NonFiniteError(
+                f"Gradients at site {key!r}: the Jacobian Gram overflowed {self.dtype} "
+                f"(largest |gradient| {float(rows.abs().max()):.3g}). Rescale the target "
+                "(readout=) or the model. The statistics were not updated."
+            )
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"Gradients at site {key!r}: {n_bad} of {rows.shape[0]} gradient rows hold "
+                f"NaN/inf ({int((~torch.isfinite(rows)).sum())} entries). The statistics "
+                "were not updated (they keep every earlier batch). Find the source (a "
+                "backward of sqrt/log at 0? overflow in float16?) or pass nonfinite='skip' "
+                "to drop such rows and count them in grads.n_skipped."
+            )
+        rows = rows[~bad]
+        return rows.T @ rows, n_bad
+
+    def _check_reached(self, edges: list[tuple[str, Any]], reached: list[bool]) -> None:
+        """Every captured forward pass of every site must lead to a target."""
+        if all(reached):
+            return
+        missed: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for (key, _), hit in zip(edges, reached, strict=True):
+            missed[key] = missed.get(key, 0) + (not hit)
+            total[key] = total.get(key, 0) + 1
+        never = [key for key in total if missed[key] == total[key]]
+        if never:
+            raise GradientError(
+                f"The Jacobian target does not depend on site(s) {never}: no gradient "
+                "reached them. Choose a target downstream of every site (sites must come "
+                "before the target in the forward pass). The statistics were not updated."
+            )
+        detail = ", ".join(f"{k!r}: {n} of {total[k]}" for k, n in missed.items() if n)
+        raise GradientError(
+            f"Some forward passes since the last run.backward() do not lead to the target "
+            f"(passes missed per site: {detail}): each output depends only on its own forward "
+            "pass. Call run.backward(output) after every forward pass. The statistics were "
+            "not updated."
+        )
 
     def _targets(self, output: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         if self._target_spec is not None:
@@ -297,9 +378,10 @@ class Collection:
                 "ran under torch.no_grad() or torch.inference_mode(). Run it with gradients "
                 "enabled inside the block."
             )
-        return [(y, None)]
+        # Padding positions of a (batch, pos, ...) output are not probed either.
+        return [(y, self._mask)]
 
-    def _probes(self, y: torch.Tensor, mask: torch.Tensor | None) -> Iterable[torch.Tensor]:
+    def _probes(self, y: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator(device=y.device).manual_seed(self.seed)
         positions = self.target_positions
@@ -316,16 +398,20 @@ class Collection:
             generator=self._generator,
             dtype=y.dtype,
             device=y.device,
+            name=self._target_site.key if self._target_spec is not None else "output",
         )
 
     def _check_grad_enabled(self) -> None:
-        if self._no_grad_batches and not self._captures:
-            key, n = next(iter(self._no_grad_batches.items()))
+        if self._pending_no_grad:
+            key = next(k for k in self._no_grad_batches if k in self._pending_no_grad)
+            self._pending_no_grad.clear()
+            self._captures.clear()
+            self._target_captures.clear()
             raise GradientError(
-                f"Site {key!r} was reached {n} time(s) without gradients: the forward pass "
-                "ran under torch.no_grad() or torch.inference_mode() (or no input needed "
-                "grad). Run the forward pass with gradients enabled to collect Jacobians, "
-                "or pass jacobians=None."
+                f"Site {key!r} was reached without gradients since the last run.backward(): "
+                f"{self._no_grad_reason[key]}. Jacobians need the forward pass to build an "
+                "autograd graph: run it with gradients enabled inside the block, or pass "
+                "jacobians=None to collect activations only."
             )
 
     def _check_gradients_reached(self, pending: set[str]) -> None:
@@ -337,15 +423,24 @@ class Collection:
                 and site_stats.n_batches
             ):
                 why = (
-                    "the forward passes ran without gradients (torch.no_grad()?)"
-                    if key in self._no_grad_batches
+                    self._no_grad_reason[key]
+                    if key in self._no_grad_reason
                     else "run.backward(...) was never called"
                 )
                 raise GradientError(
                     f"No gradients reached {key!r} (activations seen for "
-                    f"{site_stats.n_batches} batches): {why}. Call run.backward(...) inside "
-                    "the `with dh.collect(...)` block, or pass jacobians=None."
+                    f"{site_stats.n_batches} batches): {why}. Call run.backward(...) after "
+                    "each forward pass (run with gradients enabled) inside the "
+                    "`with dh.collect(...)` block, or pass jacobians=None."
                 )
+        pending = pending | self._pending_no_grad
+        if pending:
+            warnings.warn(
+                f"Forward passes reached site(s) {sorted(pending)} after the last "
+                "run.backward(): their activations are in .acts, their Jacobians are not in "
+                ".grads. Call run.backward(output) after every forward pass.",
+                stacklevel=3,
+            )
 
     def _site(self, key: str) -> Site:
         return next(s for s in self.sites if s.key == key)
@@ -448,6 +543,31 @@ def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]
         yield
     finally:
         handle.remove()
+
+
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)``, holding one item of look-ahead (not the whole list)."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+def _why_no_grad() -> str:
+    """Why a site's activation does not require grad, as a sentence fragment."""
+    if torch.is_inference_mode_enabled():
+        return "the forward pass ran under torch.inference_mode()"
+    if not torch.is_grad_enabled():
+        return "the forward pass ran under torch.no_grad()"
+    return (
+        "gradients were enabled, but nothing upstream of it requires grad (for a site at "
+        "the model input, call x.requires_grad_() before the forward pass)"
+    )
 
 
 def _site_info(site: Site) -> dict[str, Any]:

@@ -158,8 +158,9 @@ class Collection:
         if self.firing is not False:
             threshold = 0.0 if self.firing is True else float(self.firing)
         for site in self.sites:
-            if site.key in self.stats:
-                continue  # resuming into existing statistics
+            if site.key in self.stats:  # resuming into existing statistics
+                self._check_resumable(site.key, threshold, derivative_fns)
+                continue
             kw = {"dtype": self.dtype, "nonfinite": self.nonfinite}
             self.stats[site.key] = SiteStatistics(
                 acts=Covariance(**kw),
@@ -180,6 +181,25 @@ class Collection:
             from .transformer_lens import record_metadata  # lazy: TransformerLens models only
 
             record_metadata(self.stats, self.model, stacklevel=4)  # warns at the user's `with`
+
+    def _check_resumable(
+        self, key: str, threshold: float | None, derivative_fns: Mapping[str, Any]
+    ) -> None:
+        held = self.stats[key]
+        wanted = {
+            "grads": self.jacobians is not None,
+            "firing": threshold is not None,
+            "derivs": key in derivative_fns,
+        }
+        differ = [kind for kind, on in wanted.items() if on != (getattr(held, kind) is not None)]
+        if held.firing is not None and threshold is not None and held.firing.threshold != threshold:
+            differ.append(f"firing threshold {held.firing.threshold} vs {threshold}")
+        if differ:
+            raise ShapeMismatchError(
+                f"Cannot resume site {key!r}: the statistics passed as stats= were collected "
+                f"with other settings ({', '.join(differ)}). Resume with the settings of the "
+                "original collection (jacobians=, firing=, derivatives=)."
+            )
 
     # -- hooks ----------------------------------------------------------------------------
     def _make_hook(self, site: Site, derivative: Callable | None) -> Callable[[torch.Tensor], None]:
@@ -267,6 +287,15 @@ class Collection:
                 "model inside the `with dh.collect(...)` block first."
             )
         edges = [(key, item) for key, items in captures.items() for item in items]
+        # One generator per backward call, seeded from (seed, calls so far): a collection
+        # resumed from a checkpoint draws the same probes as an uninterrupted one.
+        n_calls = int(self.stats.metadata.get("n_backward_calls", 0))
+        self._generator = None
+        if self.seed is not None:
+            device = targets[0][0].device
+            self._generator = torch.Generator(device=device).manual_seed(
+                self.seed * 1_000_003 + n_calls
+            )
         sums: dict[str, torch.Tensor] = {}
         skipped = dict.fromkeys(captures, 0)
         reached = [False] * len(edges)
@@ -306,6 +335,7 @@ class Collection:
                 }
             )
             self.stats[key].grads.merge(partial)
+        self.stats.metadata["n_backward_calls"] = n_calls + 1
 
     def _gram(self, key: str, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``rows^T rows`` (float64) and the number of non-finite rows dropped."""
@@ -382,8 +412,6 @@ class Collection:
         return [(y, self._mask)]
 
     def _probes(self, y: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        if self._generator is None and self.seed is not None:
-            self._generator = torch.Generator(device=y.device).manual_seed(self.seed)
         positions = self.target_positions
         if positions is None and self._target_spec is not None:
             positions = self._target_site.positions

@@ -244,7 +244,9 @@ def test_stats_merge_across_runs_equals_one_run():
 def test_last_position_with_padding_is_the_last_real_token():
     model = position_mixer(seed=0)
     x = inputs(4, 4, n_pos=5, seed=3)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool
+    )
     with dh.collect(model, [dh.Site("embed", positions="last")]) as run:
         run.set_mask(mask)
         model(x)
@@ -252,3 +254,12 @@ def test_last_position_with_padding_is_the_last_real_token():
     expected = torch.stack([act[0, 2], act[1, 4], act[3, 0]])  # the padding-only row is dropped
     torch.testing.assert_close(run.stats["embed"].acts.cov(), torch.cov(expected.T, correction=0))
     assert run.stats["embed"].acts.n_samples == 3
+
+
+def test_resuming_with_other_settings_is_refused():
+    model, x = relu_mlp(seed=0), inputs(8, 5)
+    with dh.collect(model, ["1"]) as run:
+        model(x)
+    with pytest.raises(dh.ShapeMismatchError, match=r"Cannot resume site '1'.*firing"):
+        with dh.collect(model, ["1"], firing=True, stats=run.stats):
+            pass

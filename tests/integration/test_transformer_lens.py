@@ -248,8 +248,9 @@ def test_eval_run_with_padding_mask_and_last_position(plain_model, tokens):
     assert loss.ndim == 0 and torch.isfinite(loss)
     cache = cache_of(model, tokens, attention_mask=mask)
     assert_moments(run.stats[post].acts, cache[post][mask.bool()])
-    # positions="last" keeps the last position of each sequence, then the mask applies.
-    last = cache[resid][:, -1][mask[:, -1].bool()]
+    # With padding, positions="last" is each sequence's last real token.
+    lengths = mask.sum(dim=1)
+    last = cache[resid][torch.arange(len(tokens)), lengths - 1]
     assert_moments(run.stats[resid].acts, last)
 
 

@@ -24,11 +24,7 @@ __all__ = ["AblationCurve", "ablate", "node_ablation_curve"]
 
 
 def _site_from_info(key: str, info: Mapping[str, Any]) -> Site:
-    positions = info.get("positions")
-    if isinstance(positions, str) and positions.startswith("slice("):
-        parts = [None if p.strip() == "None" else int(p) for p in positions[6:-1].split(",")]
-        positions = slice(*parts)
-    return Site(info.get("name", key), io=info.get("io", "output"), positions=positions, label=key)
+    return Site.from_info(dict(info) or {"name": key}, key=key)
 
 
 def _project(

@@ -167,7 +167,7 @@ class Collection:
                 grads=SecondMoment(**kw) if self.jacobians is not None else None,
                 firing=CoFiring(threshold=threshold, **kw) if threshold is not None else None,
                 derivs=Covariance(**kw) if site.key in derivative_fns else None,
-                info=_site_info(site),
+                info=site.to_info(),
             )
         self.stats.metadata.update(
             model=type(self.model).__name__,
@@ -596,17 +596,6 @@ def _why_no_grad() -> str:
         "gradients were enabled, but nothing upstream of it requires grad (for a site at "
         "the model input, call x.requires_grad_() before the forward pass)"
     )
-
-
-def _site_info(site: Site) -> dict[str, Any]:
-    positions = site.positions
-    if isinstance(positions, slice):
-        positions = f"slice({positions.start}, {positions.stop}, {positions.step})"
-    elif isinstance(positions, torch.Tensor):
-        positions = positions.tolist()
-    elif positions is not None and not isinstance(positions, (int, str)):
-        positions = list(positions)
-    return {"name": site.name, "io": site.io, "positions": positions}
 
 
 def _describe(target: str | Site | None) -> str | None:

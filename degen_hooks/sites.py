@@ -13,7 +13,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -71,6 +71,31 @@ class Site:
             return self.label
         name = self.name or "output"  # the root module: the model's own output
         return name if self.io == "output" else f"{name}:input"
+
+    def to_info(self) -> dict[str, Any]:
+        """A JSON-able description (name, io, positions, label); see :meth:`from_info`."""
+        positions = self.positions
+        if isinstance(positions, slice):
+            positions = f"slice({positions.start}, {positions.stop}, {positions.step})"
+        elif isinstance(positions, torch.Tensor):
+            positions = positions.tolist()
+        elif positions is not None and not isinstance(positions, (int, str)):
+            positions = list(positions)
+        return {"name": self.name, "io": self.io, "positions": positions, "label": self.label}
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], key: str | None = None) -> Site:
+        """Rebuild a site from :meth:`to_info` (``key`` becomes its label)."""
+        positions = info.get("positions")
+        if isinstance(positions, str) and positions.startswith("slice("):
+            parts = [None if p.strip() == "None" else int(p) for p in positions[6:-1].split(",")]
+            positions = slice(*parts)
+        return cls(
+            info.get("name", key or ""),
+            io=info.get("io", "output"),
+            positions=positions,
+            label=key if key is not None else info.get("label"),
+        )
 
     def rows(self, act: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Select positions and flatten ``act`` to rows, shape ``(n_samples, d_site)``.

@@ -186,6 +186,8 @@ def node_ablation_curve(
     metric: Callable[[Any, Any], torch.Tensor | float],
     n_kept: Sequence[int] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    tolerance: float | None = None,
+    higher_is_better: bool = True,
     progress: bool = True,
 ) -> AblationCurve:
     """Metric on ``data`` versus the number of features kept at ``site``, for each basis.
@@ -198,6 +200,10 @@ def node_ablation_curve(
         metric: ``metric(output, batch)`` returning per-sample values (averaged) or a scalar.
         n_kept: Numbers of features to try; default: every ``k`` from 0 to the width.
         forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+        tolerance: If given, bisect between the tried ``k`` for the fewest features that keep
+            the metric within ``tolerance`` of the baseline (assuming the curve is monotone
+            there), so :meth:`AblationCurve.min_features` is exact on a coarse schedule.
+        higher_is_better: Direction of the metric, for ``tolerance``.
         progress: Show a tqdm bar over bases and ``k``.
 
     Returns:
@@ -210,10 +216,47 @@ def node_ablation_curve(
     jobs = []
     for name, basis in bases.items():
         width = basis.widths_[site] if hasattr(basis, "widths_") else basis._get(site)[0].shape[1]
-        ks = list(range(width + 1)) if n_kept is None else [min(k, width) for k in n_kept]
-        curve.n_kept[name], curve.values[name] = ks, []
+        ks = range(width + 1) if n_kept is None else sorted({min(k, width) for k in n_kept})
+        curve.n_kept[name], curve.values[name] = list(ks), []
         jobs += [(name, basis, k) for k in ks]
-    for name, basis, k in tqdm(jobs, desc=f"ablation {site}", disable=not progress, leave=False):
+
+    def evaluate(basis: InteractionBasis, k: int) -> float:
         with ablate(model, basis, site, keep=k):
-            curve.values[name].append(_evaluate(model, data, call, metric))
+            return _evaluate(model, data, call, metric)
+
+    for name, basis, k in tqdm(jobs, desc=f"ablation {site}", disable=not progress, leave=False):
+        curve.values[name].append(evaluate(basis, k))
+    if tolerance is not None:
+        for name, basis in bases.items():
+            _bisect(curve, name, lambda k, b=basis: evaluate(b, k), tolerance, higher_is_better)
     return curve
+
+
+def _bisect(
+    curve: AblationCurve,
+    name: str,
+    evaluate: Callable[[int], float],
+    tolerance: float,
+    higher_is_better: bool,
+) -> None:
+    """Refine ``curve[name]`` between its last failing and first passing ``k``."""
+
+    def ok(value: float) -> bool:
+        if higher_is_better:
+            return value >= curve.baseline - tolerance
+        return value <= curve.baseline + tolerance
+
+    ks, values = curve.n_kept[name], curve.values[name]
+    passing = [k for k, v in zip(ks, values, strict=True) if ok(v)]
+    if not passing:
+        return
+    high = min(passing)
+    failing = [k for k, v in zip(ks, values, strict=True) if k < high and not ok(v)]
+    low = max(failing) if failing else None
+    while low is not None and high - low > 1:
+        mid = (low + high) // 2
+        value = evaluate(mid)
+        position = next(i for i, k in enumerate(ks) if k > mid)
+        ks.insert(position, mid)
+        values.insert(position, value)
+        low, high = (low, mid) if ok(value) else (mid, high)

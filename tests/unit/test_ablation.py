@@ -100,3 +100,19 @@ def test_bad_keep_values(fitted):
     with pytest.raises(dh.SiteNotFoundError, match="no rotation for site"):
         with dh.ablate(model, bases["PCA"], "nope"):
             pass
+
+
+def test_bisection_finds_the_exact_minimum_on_a_coarse_schedule(fitted):
+    model, x, bases = fitted
+    reference = model(x).detach()
+    metric = mse_to(reference)
+    full = dh.node_ablation_curve(model, bases, "1", [x], metric=metric, progress=False)
+    coarse = dh.node_ablation_curve(
+        model, bases, "1", [x], metric=metric, n_kept=[0, 8], tolerance=1e-3,
+        higher_is_better=False, progress=False,
+    )
+    exact = full.min_features(1e-3, higher_is_better=False)
+    assert coarse.min_features(1e-3, higher_is_better=False) == exact
+    for name in bases:
+        assert coarse.n_kept[name] == sorted(coarse.n_kept[name])
+        assert len(coarse.n_kept[name]) < len(full.n_kept[name])

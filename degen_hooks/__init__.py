@@ -42,6 +42,10 @@ from . import io
 from .distributed import all_reduce_
 from .io import load, save
 
+# Interaction graphs (the rest is dh.graph.*)
+from . import graph
+from .graph import InteractionGraph, edge_ablation_curve, edges_for_mass, min_edges
+
 # Degeneracy
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
 from .jacobians import Probe
@@ -78,6 +82,12 @@ __all__ = [
     "ablate",
     "build_bases",
     "node_ablation_curve",
+    # interaction graphs
+    "InteractionGraph",
+    "edge_ablation_curve",
+    "edges_for_mass",
+    "graph",
+    "min_edges",
     # degeneracy
     "DegeneracyReport",
     "SynchronizedNeurons",

@@ -23,10 +23,6 @@ from .sites import Site, _position_index, resolve_sites
 __all__ = ["AblationCurve", "ablate", "node_ablation_curve"]
 
 
-def _site_from_info(key: str, info: Mapping[str, Any]) -> Site:
-    return Site.from_info(dict(info) or {"name": key}, key=key)
-
-
 def _project(
     act: torch.Tensor, projector: torch.Tensor, mean: torch.Tensor, positions: Any
 ) -> torch.Tensor:
@@ -81,7 +77,7 @@ def ablate(
         dropped = set(int(i) for i in _keep_index(list(drop), rotation.shape[1]))
         index = torch.tensor([int(i) for i in index if int(i) not in dropped], dtype=torch.long)
     projector = rotation[:, index] @ pinv[index, :]
-    spec = _site_from_info(site, basis.site_info_.get(site, {}))
+    spec = Site.from_info(basis.site_info_.get(site, {}), key=site)
     ((resolved, module),) = resolve_sites(model, [spec])
 
     def rewrite(act: torch.Tensor) -> torch.Tensor:

@@ -53,11 +53,11 @@ def build_bases(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     jacobians: str = "exact",
     n_probes: int = 1,
-    sections: Mapping[str, tuple[MLPSection, str | Site]] | str | None = "auto",
+    sections: Mapping[str, tuple[MLPSection, str | Site | None]] | str | None = "auto",
     rtol: float | None = None,
     atol: float = 0.0,
     n_components: int | None = None,
-    chunk: int = 64,
+    chunk: int | str = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> InteractionBasis:
@@ -78,14 +78,15 @@ def build_bases(
         n_probes: Random probes per batch (random probe kinds only).
         sections: Closed-form MLP sections, ``{site: (MLPSection, pre_activation_site)}``:
             the section maps ``site`` to the next site (or the output), and the derivative
-            moments are collected at ``pre_activation_site`` (same positions as ``site``).
+            moments are collected at ``pre_activation_site`` (same positions as ``site``;
+            ``None`` for a linear section, which needs no data).
             ``"auto"`` (default) finds ``Linear -> activation -> Linear`` sections of
             ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`);
             ``None`` forces backward passes everywhere. Local variant only.
         rtol: Relative eigenvalue threshold (default ``10 * d * eps``).
         atol: Absolute eigenvalue threshold.
         n_components: Keep at most this many features per site.
-        chunk: Probes per batched backward pass.
+        chunk: Probes per batched backward pass ("auto": sized to the activations).
         seed: Seed of random probes.
         progress: Show tqdm progress bars.
 
@@ -130,7 +131,8 @@ def build_bases(
         f"{key}#derivs": Site(
             _as_site(pre).name, positions=_site_of(site_objs, key).positions, label=f"{key}#derivs"
         )
-        for key, (_, pre) in sections.items()
+        for key, (section, pre) in sections.items()
+        if not section.is_linear  # a linear section's Gram needs no data
     }
     pass_sites = list(site_objs) + list(derivative_sites.values())
     if rotate_output and out_site is not None:
@@ -179,7 +181,8 @@ def build_bases(
         started = time.perf_counter()
         if site.key in sections:
             section = sections[site.key][0]
-            gram = section.jacobian_gram(stats[f"{site.key}#derivs"].derivs, readout)
+            derivs = None if section.is_linear else stats[f"{site.key}#derivs"].derivs
+            gram = section.jacobian_gram(derivs, readout)
             stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
             label += " (closed form)"
         else:

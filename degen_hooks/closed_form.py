@@ -188,14 +188,19 @@ class MLPSection:
         """Hidden width."""
         return self.w_in.shape[0]
 
+    @property
+    def is_linear(self) -> bool:
+        """A linear section (identity activation): its Jacobian Gram needs no data at all."""
+        return self.activation in ("identity", "linear")
+
     def jacobian_gram(
-        self, derivs: Covariance, readout: torch.Tensor | None = None
+        self, derivs: Covariance | None, readout: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``M' = E[J^T R R^T J]`` from the moments of ``sigma'(z)``, shape ``(d_in, d_in)``.
 
         Args:
             derivs: Streaming moments of ``sigma'(z)`` (width ``d_mlp``), e.g.
-                ``run.stats[pre_site].derivs``.
+                ``run.stats[pre_site].derivs``; ``None`` for a linear section.
             readout: ``(d_out, r)`` read-out of the target; identity when ``None``.
 
         Returns:
@@ -207,6 +212,14 @@ class MLPSection:
                 f"Readout of shape {tuple(readout.shape)} cannot read the section output of "
                 f"width {d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
             )
+        if derivs is None:
+            if not self.is_linear:
+                raise ValueError(
+                    f"A {self.activation!r} section needs the derivative moments (derivs=); "
+                    "collect them with dh.collect(..., derivatives={pre_site: activation})."
+                )
+            ones = torch.ones(self.d_mlp, dtype=torch.float64, device=self.w_in.device)
+            derivs = Covariance().update(ones[None, :])  # sigma' = 1 on every sample
         if derivs.d != self.d_mlp:
             raise ShapeMismatchError(
                 f"Derivative statistics have width {derivs.d}, but the section's hidden "
@@ -249,7 +262,7 @@ def _activation_name(module: nn.Module) -> str:
 
 def find_mlp_sections(
     model: nn.Module, sites: list[Site], output: Site | None = None
-) -> dict[str, tuple[MLPSection, Site]]:
+) -> dict[str, tuple[MLPSection, Site | None]]:
     """Find ``Linear -> activation -> Linear`` sections between consecutive sites.
 
     Detects them in ``nn.Sequential`` models: a site (the output of a module, or the input of a
@@ -282,7 +295,7 @@ def find_mlp_sections(
             return None
         return names.index(site.name) - (1 if site.io == "input" else 0)
 
-    found: dict[str, tuple[MLPSection, Site]] = {}
+    found: dict[str, tuple[MLPSection, Site | None]] = {}
     targets = [*sites[1:], output]
     for site, target in zip(sites, targets, strict=True):
         start, end = start_of(site), end_of(target)
@@ -291,7 +304,8 @@ def find_mlp_sections(
         modules = [model[i] for i in range(start, end + 1)]
         section = _section_of(modules)
         if section is not None:
-            found[site.key] = (section, Site(names[start], positions=site.positions))
+            pre = None if section.is_linear else Site(names[start], positions=site.positions)
+            found[site.key] = (section, pre)
     return found
 
 

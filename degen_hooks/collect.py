@@ -11,6 +11,7 @@ raises; hooks never change what the model computes.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -28,6 +29,8 @@ from .sites import Site, _is_transformer_lens, resolve_sites
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["Collection", "collect"]
+
+_AUTO_CHUNK_ELEMENTS = 1 << 21
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -60,7 +63,7 @@ class Collection:
         target_positions: Any = None,
         firing: bool | float = False,
         derivatives: Mapping[str, str | Callable[[torch.Tensor], torch.Tensor]] | None = None,
-        chunk: int = 64,
+        chunk: int | str = "auto",
         seed: int | None = 0,
         nonfinite: str = "raise",
         dtype: torch.dtype = torch.float64,
@@ -81,8 +84,10 @@ class Collection:
                 "Jacobian statistics."
             )
         self.n_probes = n_probes
-        if chunk < 1:
-            raise ValueError(f"chunk must be at least 1 probe per backward pass, got {chunk}.")
+        if chunk != "auto" and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"chunk must be 'auto' or at least 1 probe per backward pass, got {chunk!r}."
+            )
         if readout is not None and (not isinstance(readout, torch.Tensor) or readout.ndim != 2):
             raise ShapeMismatchError(
                 "readout must be a (d_target, r) matrix (torch.Tensor), got "
@@ -300,7 +305,8 @@ class Collection:
         skipped = dict.fromkeys(captures, 0)
         reached = [False] * len(edges)
         for t_index, (y, y_mask) in enumerate(targets):
-            for grad_outputs, is_last in _with_last(self._probes(y, y_mask)):
+            chunk = self._chunk_for(y, edges)
+            for grad_outputs, is_last in _with_last(self._probes(y, y_mask, chunk)):
                 last = is_last and t_index == len(targets) - 1
                 grads = vjp_batched(
                     y,
@@ -411,7 +417,18 @@ class Collection:
         # Padding positions of a (batch, pos, ...) output are not probed either.
         return [(y, self._mask)]
 
-    def _probes(self, y: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def _chunk_for(self, y: torch.Tensor, edges: list[tuple[str, Any]]) -> int:
+        """Probes per batched backward: ``chunk``, or with "auto" as many as keep each
+        vmapped gradient near 2**21 elements (larger batches are memory-bound on a CPU and
+        no faster), between 1 and 64."""
+        if self.chunk != "auto":
+            return int(self.chunk)
+        largest = max([y.numel(), *(math.prod(item[2]) for _, item in edges)])
+        return max(1, min(64, _AUTO_CHUNK_ELEMENTS // max(largest, 1)))
+
+    def _probes(
+        self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
+    ) -> Iterator[torch.Tensor]:
         positions = self.target_positions
         if positions is None and self._target_spec is not None:
             positions = self._target_site.positions
@@ -422,7 +439,7 @@ class Collection:
             positions=positions,
             mask=mask if y.ndim >= 3 else None,
             n_probes=self.n_probes,
-            chunk=self.chunk,
+            chunk=chunk,
             generator=self._generator,
             dtype=y.dtype,
             device=y.device,
@@ -528,7 +545,8 @@ def collect(
             * ``firing``: ``True`` or a threshold: co-firing counts of ``act > threshold``.
             * ``derivatives``: ``{site: "relu" | "gelu" | ... | callable}``: moments of the
               activation derivative at pre-activation sites (MLP closed form).
-            * ``chunk``: probes per batched backward (memory bound, default 64).
+            * ``chunk``: probes per batched backward, the memory bound; ``"auto"`` (default)
+              keeps each batched gradient near 2**21 elements (1 to 64 probes).
             * ``seed``: seed of the random probes.
             * ``nonfinite``: ``"raise"`` (default) or ``"skip"``.
             * ``stats``: existing :class:`~degen_hooks.Statistics` to continue (resume).

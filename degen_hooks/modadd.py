@@ -102,12 +102,19 @@ def build_modadd_bases(
 ) -> InteractionBasis:
     """The local interaction basis of the three node layers, fitted on ``tokens``.
 
-    The MLP section (residual after attention -> after the MLP) uses the closed form; the
-    attention and unembedding sections use batched exact probes.
+    The MLP section (residual after attention -> after the MLP) and the unembedding (after
+    the MLP -> logits, linear) use the closed form; the attention section uses batched exact
+    probes.
     """
+    from .closed_form import MLPSection
     from .transformer_lens import mlp_section
 
-    sections = {RESID_MID: (mlp_section(model, 0, residual=True), Site(MLP_PRE))}
+    w_unembed = model.unembed.W_U.detach().T  # (d_vocab, d_model), nn.Linear layout
+    unembed = MLPSection(w_unembed, torch.eye(w_unembed.shape[0]), "identity")
+    sections = {
+        RESID_MID: (mlp_section(model, 0, residual=True), Site(MLP_PRE)),
+        RESID_POST: (unembed, None),
+    }
     return build_bases(
         model,
         modadd_sites(),

@@ -349,7 +349,7 @@ def test_error_forward_passes_without_their_backward():
     ("kwargs", "error", "match"),
     [
         ({"n_probes": 0}, ValueError, r"n_probes must be at least 1, got 0"),
-        ({"chunk": 0}, ValueError, r"chunk must be at least 1"),
+        ({"chunk": 0}, ValueError, r"chunk must be .auto. or at least 1"),
         ({"jacobians": "exakt"}, ValueError, r"Unknown jacobians='exakt'.*'rademacher'"),
         ({"readout": torch.ones(3)}, dh.ShapeMismatchError, r"readout must be a \(d_target, r\)"),
     ],

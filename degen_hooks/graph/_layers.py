@@ -1,0 +1,257 @@
+"""Node layers in feature coordinates, and running a model from one node layer to the next.
+
+Private helpers shared by the edge computation and edge ablation (lib_math §7): a
+:class:`NodeLayer` reads a site's activation as features ``(f - mu) @ C`` (shape
+``(batch, n_positions, r)``, every non-batch, non-feature dimension flattened into positions)
+and writes features back as ``features @ C_pinv + mu`` at the site's positions;
+:func:`run_section` runs the model with one activation rewritten and stops as soon as a target
+site has been reached (an exception raised in the target's hook, as in baukit's ``stop=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import GradientError, ShapeMismatchError
+from ..basis import InteractionBasis
+from ..collect import _first_tensor
+from ..sites import Positions, Site, _position_index, resolve_sites
+
+Forward = Callable[[nn.Module, Any], Any]
+
+#: Key of the model-output node layer (the label ``build_bases`` gives it).
+OUTPUT_KEY = "output"
+
+
+@dataclass(frozen=True)
+class NodeLayer:
+    """One node layer: where it is read, and its feature map.
+
+    Attributes:
+        key: Name of the layer (site key, or ``"output"``).
+        site: The site, or ``None`` for the model output (the value ``forward`` returns).
+        positions: Positions read (``None``: all).
+        rotation: ``C``, shape ``(d, r)``; ``None`` means the identity (raw coordinates).
+        pinv: ``C_pinv``, shape ``(r, d)``; ``None`` with ``rotation``.
+        mean: ``mu``, shape ``(d,)``; ``None`` means zero (uncentred, as for outputs).
+    """
+
+    key: str
+    site: Site | None
+    positions: Positions
+    rotation: torch.Tensor | None
+    pinv: torch.Tensor | None
+    mean: torch.Tensor | None
+
+    @classmethod
+    def from_basis(cls, basis: InteractionBasis, key: str) -> NodeLayer:
+        """The node layer of a fitted basis' site ``key``."""
+        rotation, pinv, mean = basis._get(key)
+        site = Site.from_info(basis.site_info_.get(key, {}), key=key)
+        return cls(key, site, site.positions, rotation, pinv, mean)
+
+    def width(self, d_site: int | None = None) -> int:
+        """Number of features ``r`` (``d_site`` for a raw layer)."""
+        if self.rotation is not None:
+            return int(self.rotation.shape[1])
+        if d_site is None:
+            raise ShapeMismatchError(f"Layer {self.key!r} is read raw; its width is unknown yet.")
+        return d_site
+
+    def _index(self, act: torch.Tensor) -> torch.Tensor | None:
+        if act.ndim < 3:
+            if self.positions is not None:
+                raise ShapeMismatchError(
+                    f"Layer {self.key!r} selects positions {self.positions!r}, but its "
+                    f"activation has shape {tuple(act.shape)} with no position dimension."
+                )
+            return None
+        if self.positions is None:
+            return None
+        index = _position_index(self.positions, act.shape[1], self.key)
+        return torch.arange(act.shape[1], device=act.device)[index].reshape(-1)
+
+    def features(self, act: torch.Tensor) -> torch.Tensor:
+        """Features at the layer's positions, float64, shape ``(batch, n_positions, r)``."""
+        index = self._index(act)
+        selected = act if index is None else act[:, index]
+        x = selected.reshape(act.shape[0], -1, act.shape[-1]).to(torch.float64)
+        if self.rotation is not None and x.shape[-1] != self.rotation.shape[0]:
+            raise ShapeMismatchError(
+                f"Layer {self.key!r} has a basis for width {self.rotation.shape[0]}, but its "
+                f"activation has shape {tuple(act.shape)}. Use the model the basis was built on."
+            )
+        if self.mean is not None:
+            x = x - self.mean.to(x.device)
+        return x if self.rotation is None else x @ self.rotation.to(x.device)
+
+    def write(self, act: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``act`` with the layer's positions replaced by ``features @ C_pinv + mu``.
+
+        Args:
+            act: The activation, shape ``(batch, ..., d)``; other positions are kept (detached).
+            features: Shape ``(batch, n_positions, r)``, float64 (may require grad).
+
+        Returns:
+            A new tensor shaped and typed like ``act``.
+        """
+        x = features if self.pinv is None else features @ self.pinv.to(features.device)
+        if self.mean is not None:
+            x = x + self.mean.to(x.device)
+        index = self._index(act)
+        if index is None:
+            return x.reshape(act.shape).to(act.dtype)
+        out = act.detach().clone()
+        out[:, index] = x.reshape(out[:, index].shape).to(act.dtype)
+        return out
+
+
+class _Stop(Exception):  # noqa: N818 - control flow, never escapes run_section
+    """Raised in the target's hook to end the forward pass early."""
+
+
+@contextlib.contextmanager
+def _hooked(module: nn.Module, io: str, fn: Callable[[torch.Tensor], Any]) -> Iterator[None]:
+    """Call ``fn(act)`` on a module's output (or first input); a returned tensor replaces it."""
+    if io == "output":
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            act = _first_tensor(output)
+            if act is None:
+                return None
+            new = fn(act)
+            if new is None:
+                return None
+            if isinstance(output, torch.Tensor):
+                return new
+            if isinstance(output, tuple) and output and output[0] is act:
+                return (new, *output[1:])
+            raise ShapeMismatchError(
+                f"Cannot replace the output of {type(_module).__name__}: it is not a tensor "
+                "or a tuple starting with one. Choose a site whose output is a tensor."
+            )
+
+        handle = module.register_forward_hook(hook)
+    else:
+
+        def pre_hook(_module: nn.Module, args: Any) -> Any:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+
+        handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_section(
+    model: nn.Module,
+    batch: Any,
+    forward: Forward,
+    *,
+    rewrites: Mapping[str, tuple[Site, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
+    target: Site | None = None,
+) -> Any:
+    """Run ``forward(model, batch)`` with activations rewritten, up to ``target``.
+
+    Args:
+        model: The model.
+        batch: One batch.
+        forward: ``forward(model, batch) -> output``.
+        rewrites: ``{name: (site, fn)}``; ``fn(act)`` returns the replacement activation
+            (applied at the first call of the site's module in the pass).
+        target: Stop the pass as soon as this site is produced and return its activation;
+            ``None`` runs the whole model and returns its output.
+
+    Returns:
+        The target activation (a tensor) or the model output.
+
+    Raises:
+        GradientError: If the target was reached before a rewritten site (wrong order), or a
+            rewritten site or the target was never reached.
+    """
+    fired: dict[str, int] = {}
+    captured: list[torch.Tensor] = []
+    with contextlib.ExitStack() as stack:
+        for name, (site, fn) in (rewrites or {}).items():
+            resolved = resolve_sites(model, [site])[0]
+
+            def rewrite(act: torch.Tensor, name: str = name, fn: Callable = fn) -> Any:
+                fired[name] = fired.get(name, 0) + 1
+                return fn(act) if fired[name] == 1 else None
+
+            stack.enter_context(_hooked(resolved[1], resolved[0].io, rewrite))
+        if target is not None:
+            resolved_target = resolve_sites(model, [target])[0]
+
+            def capture(act: torch.Tensor) -> None:
+                captured.append(act)
+                raise _Stop
+
+            stack.enter_context(_hooked(resolved_target[1], resolved_target[0].io, capture))
+        try:
+            output = forward(model, batch)
+        except _Stop:
+            output = None
+    missing = sorted(set(rewrites or {}) - set(fired))
+    if missing:
+        where = f"site {target.key!r}" if target is not None else "the output"
+        raise GradientError(
+            f"The forward pass reached {where} before site(s) {missing} (or never ran them). "
+            "Node layers must be listed in forward order, each before the next."
+        )
+    if target is None:
+        return output
+    if not captured:
+        raise GradientError(
+            f"Site {target.key!r} was never reached in the forward pass; check its name and "
+            "that forward(model, batch) runs it."
+        )
+    return captured[0]
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor of a model output (a tensor, a tuple starting with one, or ``.logits``)."""
+    tensor = _first_tensor(output)
+    if tensor is None:
+        raise ShapeMismatchError(
+            f"The model output ({type(output).__name__}) holds no tensor; pass a forward= "
+            "that returns the output tensor."
+        )
+    return tensor
+
+
+def repeat_batch(batch: Any, copies: int) -> Any:
+    """``copies`` stacked copies of a batch along dimension 0 (copy-major).
+
+    Tensors are repeated; tuples, lists and dicts are mapped; ``copies == 1`` returns the
+    batch unchanged.
+
+    Raises:
+        ShapeMismatchError: For a batch holding something other than tensors and containers.
+    """
+    if copies == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 0:
+            return batch
+        return batch.repeat(copies, *([1] * (batch.ndim - 1)))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(repeat_batch(b, copies) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: repeat_batch(v, copies) for k, v in batch.items()}
+    if isinstance(batch, (int, float, bool)) or batch is None:
+        return batch
+    raise ShapeMismatchError(
+        f"Cannot stack copies of a batch of type {type(batch).__name__}; edge ablation "
+        "stacks copies of tensor batches. Pass feature_chunk=1 to run one copy at a time."
+    )

@@ -6,7 +6,8 @@ the same noise seed per chain. They should therefore agree to rounding, which th
 script reports along with the LLC estimates and the time per step. If devinterp cannot
 be imported, the script says so and exits with status 0.
 
-Run with ``OMP_NUM_THREADS=1 python benchmarks/bench_llc_devinterp.py [--quick]``.
+Run with ``OMP_NUM_THREADS=1 python benchmarks/bench_llc_devinterp.py [--quick]``;
+:func:`main` returns the row (``python -m benchmarks`` collects it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import sys
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,11 +79,21 @@ def devinterp_llc(
     return n_beta * traces.mean(axis=1), traces  # the loss at w* is 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer draws, for a smoke run")
-    args = parser.parse_args(argv)
-    n_draws, n_burnin = (50, 10) if args.quick else (400, 100)
+def main(quick: bool = False, verbose: bool = False) -> list[dict[str, Any]]:
+    """Run both samplers; returns one row (``verbose``: print the comparison as well).
+
+    Args:
+        quick: 50 draws after 10 burn-in steps per chain (instead of 400 after 100).
+        verbose: Print settings, estimates and times.
+
+    Returns:
+        One row with ``name``, ``ours_s``, ``baseline_s`` (devinterp; absent when it cannot be
+        imported), ``ratio``, ``target`` (identical loss traces), ``met``, ``llc``,
+        ``llc_devinterp``, ``max_trace_diff`` and ``note``.
+    """
+    torch.set_num_threads(1)
+    say = print if verbose else (lambda *_args, **_kw: None)
+    n_draws, n_burnin = (50, 10) if quick else (400, 100)
     model, data = make_problem(n_samples=4096, batch_size=256)
     n_samples = sum(len(batch) for batch in data)
     settings = dict(
@@ -94,45 +106,74 @@ def main(argv: list[str] | None = None) -> int:
         seed=0,
     )
     n_steps = settings["n_chains"] * (n_draws + n_burnin)
-    print(f"model: 8-32-32-4 tanh MLP, float32; data: {n_samples} samples in batches of 256")
-    print(", ".join(f"{key}={value:.6g}" for key, value in settings.items()))
+    say(f"model: 8-32-32-4 tanh MLP, float32; data: {n_samples} samples in batches of 256")
+    say(", ".join(f"{key}={value:.6g}" for key, value in settings.items()))
 
     estimate_llc(model, data, progress=False, **{**settings, "n_draws": 2})  # warm-up
     start = time.perf_counter()
     ours = estimate_llc(model, data, progress=False, **settings)
     ours_seconds = time.perf_counter() - start
-    print(f"{'':12s}{'LLC':>10s}{'± s.e.':>10s}{'us/step':>10s}   per chain")
-    print(
+    say(f"{'':12s}{'LLC':>10s}{'± s.e.':>10s}{'us/step':>10s}   per chain")
+    say(
         f"{'degen_hooks':12s}{ours.llc:10.4f}{ours.llc_std_err:10.4f}"
         f"{1e6 * ours_seconds / n_steps:10.0f}   {np.round(ours.llc_per_chain.numpy(), 3)}"
     )
+    row: dict[str, Any] = {
+        "name": "LLC: estimate_llc vs devinterp SGLD (same batches and noise)",
+        "ours_s": ours_seconds,
+        "target": "identical loss traces (max |diff| <= 1e-6)",
+        "llc": float(ours.llc),
+        "n_steps": n_steps,
+    }
 
     try:  # devinterp's first import takes seconds (torch._dynamo, sympy): not timed
         from devinterp.optim import SGLD  # noqa: F401
         from devinterp.utils import default_nbeta
     except Exception as err:  # any import failure means: not available here
-        print(f"devinterp is unavailable ({type(err).__name__}: {err}); nothing to compare.")
-        return 0
+        say(f"devinterp is unavailable ({type(err).__name__}: {err}); nothing to compare.")
+        return [{**row, "met": None, "note": f"devinterp unavailable ({type(err).__name__})"}]
     devinterp_llc(model, data, **{**settings, "n_draws": 2})  # warm-up
     start = time.perf_counter()
     per_chain, traces = devinterp_llc(model, data, **settings)
     theirs_seconds = time.perf_counter() - start
     std_err = per_chain.std(ddof=1) / math.sqrt(len(per_chain))
-    print(
+    say(
         f"{'devinterp':12s}{per_chain.mean():10.4f}{std_err:10.4f}"
         f"{1e6 * theirs_seconds / n_steps:10.0f}   {np.round(per_chain, 3)}"
     )
-    gap = np.abs(traces - ours.loss_traces.numpy()).max()
-    print(
+    gap = float(np.abs(traces - ours.loss_traces.numpy()).max())
+    say(
         f"max |loss trace difference| = {gap:.3g}; time ratio ours/devinterp = "
         f"{ours_seconds / theirs_seconds:.2f}"
     )
-    print(
+    say(
         f"(devinterp's own default nβ would be B/log B = {default_nbeta(256):.1f}, "
         f"against n/log n = {settings['n_beta']:.1f} here.)"
     )
+    return [
+        {
+            **row,
+            "baseline_s": theirs_seconds,
+            "ratio": ours_seconds / theirs_seconds,
+            "met": gap <= 1e-6,
+            "llc_devinterp": float(per_chain.mean()),
+            "max_trace_diff": gap,
+            "note": (
+                f"LLC {ours.llc:.4f} vs {per_chain.mean():.4f}; max |loss trace diff| "
+                f"{gap:.1e}; {n_steps} SGLD steps, {1e6 * ours_seconds / n_steps:.0f} vs "
+                f"{1e6 * theirs_seconds / n_steps:.0f} us/step"
+            ),
+        }
+    ]
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer draws, for a smoke run")
+    args = parser.parse_args(argv)
+    main(quick=args.quick, verbose=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

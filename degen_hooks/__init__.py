@@ -44,7 +44,7 @@ from .io import load, save
 
 # Interaction graphs (the rest is dh.graph.*)
 from . import graph
-from .graph import InteractionGraph, edge_ablation_curve, edges_for_mass, min_edges
+from .graph import InteractionGraph
 
 # Degeneracy
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
@@ -84,10 +84,7 @@ __all__ = [
     "node_ablation_curve",
     # interaction graphs
     "InteractionGraph",
-    "edge_ablation_curve",
-    "edges_for_mass",
     "graph",
-    "min_edges",
     # degeneracy
     "DegeneracyReport",
     "SynchronizedNeurons",

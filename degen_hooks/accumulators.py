@@ -274,7 +274,7 @@ class Covariance(_Accumulator):
             weight = torch.tensor(float(n), dtype=self.dtype, device=rows.device)
             mean_b = rows.mean(dim=0)
             centred = rows.sub_(mean_b) if owned else rows - mean_b
-            m2_b = centred.T @ centred
+            left = centred
         else:
             weight = w.sum()
             if float(weight) == 0.0:
@@ -282,28 +282,36 @@ class Covariance(_Accumulator):
                 return self
             mean_b = (w @ rows) / weight
             centred = rows.sub_(mean_b) if owned else rows - mean_b
-            m2_b = (centred * w[:, None]).T @ centred
-        self._combine(weight, mean_b, m2_b)
+            left = centred * w[:, None]
+        # The batch's scatter goes straight into the running one (GEMM with beta=1): a
+        # separate (d, d) product plus the Chan terms would allocate and sweep d^2 buffers
+        # several times, which at d = 3072 costs as much as the product itself.
+        self._m2.addmm_(left.T, centred)
+        self._combine(weight, mean_b)
         self.n_samples += n
         return self
 
-    def _combine(self, weight: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        # Chan et al. (1979): exact pairwise combination of centred moments.
+    def _combine(
+        self, weight: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor | None = None
+    ) -> None:
+        # Chan et al. (1979): exact pairwise combination of centred moments,
+        # m2 = m2_a + m2_b + (w_a w_b / (w_a + w_b)) delta delta^T. Callers that already
+        # added m2_b into self._m2 pass None.
         total = self._weight_sum + weight
         delta = mean_b - self._mean
         ratio = weight / total
-        self._m2 += m2_b + torch.outer(delta, delta) * (self._weight_sum * ratio)
+        if m2_b is not None:
+            self._m2 += m2_b
+        # addr_ adds the rank-one term in one pass; the coefficient scales the (d,) vector,
+        # not the (d, d) matrix, and stays a tensor (no device sync).
+        self._m2.addr_(delta * (self._weight_sum * ratio), delta)
         self._mean += delta * ratio
         self._weight_sum = total
 
     def _merge_state(self, other: Covariance) -> None:
         if float(other._weight_sum) > 0:
             dev = self.device
-            self._combine(
-                other._weight_sum.to(dev),
-                other._mean.to(dev),
-                other._m2.to(dev).clone(),
-            )
+            self._combine(other._weight_sum.to(dev), other._mean.to(dev), other._m2.to(dev))
 
     @property
     def weight_sum(self) -> float:

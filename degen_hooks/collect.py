@@ -30,7 +30,9 @@ from .statistics import SiteStatistics, Statistics
 
 __all__ = ["Collection", "collect"]
 
-_AUTO_CHUNK_ELEMENTS = 1 << 21
+# Elements per batched (vmapped) gradient for chunk="auto": large batches pay off on a GPU,
+# while on a CPU they are memory-bound and no faster than a loop (benchmarks/bench_build.py).
+_AUTO_CHUNK_ELEMENTS = {"cuda": 1 << 21, "cpu": 1 << 19}
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -419,12 +421,12 @@ class Collection:
 
     def _chunk_for(self, y: torch.Tensor, edges: list[tuple[str, Any]]) -> int:
         """Probes per batched backward: ``chunk``, or with "auto" as many as keep each
-        vmapped gradient near 2**21 elements (larger batches are memory-bound on a CPU and
-        no faster), between 1 and 64."""
+        vmapped gradient near 2**21 elements on a GPU (2**19 on a CPU), between 1 and 64."""
         if self.chunk != "auto":
             return int(self.chunk)
+        budget = _AUTO_CHUNK_ELEMENTS["cuda" if y.is_cuda else "cpu"]
         largest = max([y.numel(), *(math.prod(item[2]) for _, item in edges)])
-        return max(1, min(64, _AUTO_CHUNK_ELEMENTS // max(largest, 1)))
+        return max(1, min(64, budget // max(largest, 1)))
 
     def _probes(
         self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
@@ -546,7 +548,8 @@ def collect(
             * ``derivatives``: ``{site: "relu" | "gelu" | ... | callable}``: moments of the
               activation derivative at pre-activation sites (MLP closed form).
             * ``chunk``: probes per batched backward, the memory bound; ``"auto"`` (default)
-              keeps each batched gradient near 2**21 elements (1 to 64 probes).
+              keeps each batched gradient near 2**21 elements on a GPU, 2**19 on a CPU
+              (1 to 64 probes).
             * ``seed``: seed of the random probes.
             * ``nonfinite``: ``"raise"`` (default) or ``"skip"``.
             * ``stats``: existing :class:`~degen_hooks.Statistics` to continue (resume).

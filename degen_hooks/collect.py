@@ -11,40 +11,26 @@ raises; hooks never change what the model computes.
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ._backward import JacobianPass, first_tensor
 from ._checks import nonfinite_rows
-from ._errors import DegenHooksError, GradientError, NonFiniteError, ShapeMismatchError
+from ._errors import DegenHooksError, ShapeMismatchError
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
-from .jacobians import Probe, probe_chunks, vjp_batched
+from .jacobians import Probe
 from .sites import Site, _is_transformer_lens, resolve_sites
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["Collection", "collect"]
 
-# Elements per batched (vmapped) gradient for chunk="auto": large batches pay off on a GPU,
-# while on a CPU they are memory-bound and no faster than a loop (benchmarks/bench_build.py).
-_AUTO_CHUNK_ELEMENTS = {"cuda": 1 << 21, "cpu": 1 << 19}
 
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((v for v in value if isinstance(v, torch.Tensor)), None)
-    logits = getattr(value, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
-class Collection:
+class Collection(JacobianPass):
     """The object bound by ``with dh.collect(...) as run``; see :func:`collect`.
 
     Attributes:
@@ -259,236 +245,6 @@ class Collection:
         self._mask = None if mask is None else torch.as_tensor(mask).bool()
 
     # -- Jacobians ------------------------------------------------------------------------
-    def backward(self, output: Any = None, *, retain_graph: bool = False) -> None:
-        """Push probe vectors from the target back to every site and accumulate Grams.
-
-        Every forward pass since the last call must lead to the target: call it once per
-        forward pass (``run.backward(model(x))``). A mask set with :meth:`set_mask` also
-        selects the probed positions of a ``(batch, pos, ...)`` model output.
-
-        Args:
-            output: The model output of the forward pass since the last call (a tensor, a
-                tuple whose first tensor is the output, or an object with ``.logits``).
-                Not needed when ``target=`` names a site.
-            retain_graph: Keep the autograd graph for a later backward pass of your own.
-
-        Raises:
-            GradientError: If Jacobians were not requested, no forward pass ran since the
-                last call, the forward ran without gradients, the target does not depend on
-                a site, or a batched backward cannot run under ``torch.vmap``.
-            NonFiniteError: If a gradient is NaN/inf (with ``nonfinite="raise"``); the
-                statistics keep their previous values.
-        """
-        if self.jacobians is None:
-            raise GradientError(
-                "run.backward() needs Jacobian statistics: pass jacobians='exact' (or "
-                "'rademacher'/'gaussian') to dh.collect(...)."
-            )
-        self._check_grad_enabled()
-        targets = self._targets(output)
-        captures, self._captures = self._captures, {}
-        self._target_captures = []
-        if not captures:
-            raise GradientError(
-                "run.backward() found no activations captured since the last call. Run the "
-                "model inside the `with dh.collect(...)` block first."
-            )
-        edges = [(key, item) for key, items in captures.items() for item in items]
-        # One generator per backward call, seeded from (seed, calls so far): a collection
-        # resumed from a checkpoint draws the same probes as an uninterrupted one.
-        n_calls = int(self.stats.metadata.get("n_backward_calls", 0))
-        self._generator = None
-        if self.seed is not None:
-            device = targets[0][0].device
-            self._generator = torch.Generator(device=device).manual_seed(
-                self.seed * 1_000_003 + n_calls
-            )
-        sums: dict[str, torch.Tensor] = {}
-        skipped = dict.fromkeys(captures, 0)
-        reached = [False] * len(edges)
-        for t_index, (y, y_mask) in enumerate(targets):
-            chunk = self._chunk_for(y, edges)
-            for grad_outputs, is_last in _with_last(self._probes(y, y_mask, chunk)):
-                last = is_last and t_index == len(targets) - 1
-                grads = vjp_batched(
-                    y,
-                    [item[0] for _, item in edges],
-                    grad_outputs,
-                    retain_graph=retain_graph or not last,
-                )
-                for index, ((key, (_, mask, shape, _)), g) in enumerate(
-                    zip(edges, grads, strict=True)
-                ):
-                    if g is None:
-                        continue
-                    reached[index] = True
-                    k = g.shape[0]
-                    flat = g.detach().reshape(k * shape[0], *shape[1:])
-                    flat_mask = None if mask is None else mask.repeat(k, 1)
-                    rows = self._site(key).rows(flat, flat_mask).to(self.dtype)
-                    gram, n_bad = self._gram(key, rows)
-                    skipped[key] += n_bad
-                    sums[key] = gram if key not in sums else sums[key].add_(gram)
-        self._check_reached(edges, reached)
-        for key, items in captures.items():
-            # Input positions are samples: normalise by the rows the site contributed.
-            n_rows = sum(item[3] for item in items)
-            partial = SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite)
-            partial.load_state_dict(
-                {
-                    "n_samples": torch.tensor(n_rows),
-                    "n_skipped": torch.tensor(skipped[key]),
-                    "count": torch.tensor(float(n_rows), dtype=self.dtype, device=sums[key].device),
-                    "sum": sums[key],
-                }
-            )
-            self.stats[key].grads.merge(partial)
-        self.stats.metadata["n_backward_calls"] = n_calls + 1
-
-    def _gram(self, key: str, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``rows^T rows`` (float64) and the number of non-finite rows dropped."""
-        gram = rows.T @ rows
-        # A NaN/inf row makes the (d, d) Gram non-finite: checking it costs O(d^2), not a
-        # pass over every gradient row.
-        if bool(torch.isfinite(gram).all()):
-            return gram, 0
-        bad = nonfinite_rows(rows)
-        n_bad = int(bad.sum())
-        if n_bad == 0:
-            raise NonFiniteError(
-                f"Gradients at site {key!r}: the Jacobian Gram overflowed {self.dtype} "
-                f"(largest |gradient| {float(rows.abs().max()):.3g}). Rescale the target "
-                "(readout=) or the model. The statistics were not updated."
-            )
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"Gradients at site {key!r}: {n_bad} of {rows.shape[0]} gradient rows hold "
-                f"NaN/inf ({int((~torch.isfinite(rows)).sum())} entries). The statistics "
-                "were not updated (they keep every earlier batch). Find the source (a "
-                "backward of sqrt/log at 0? overflow in float16?) or pass nonfinite='skip' "
-                "to drop such rows and count them in grads.n_skipped."
-            )
-        rows = rows[~bad]
-        return rows.T @ rows, n_bad
-
-    def _check_reached(self, edges: list[tuple[str, Any]], reached: list[bool]) -> None:
-        """Every captured forward pass of every site must lead to a target."""
-        if all(reached):
-            return
-        missed: dict[str, int] = {}
-        total: dict[str, int] = {}
-        for (key, _), hit in zip(edges, reached, strict=True):
-            missed[key] = missed.get(key, 0) + (not hit)
-            total[key] = total.get(key, 0) + 1
-        never = [key for key in total if missed[key] == total[key]]
-        if never:
-            raise GradientError(
-                f"The Jacobian target does not depend on site(s) {never}: no gradient "
-                "reached them. Choose a target downstream of every site (sites must come "
-                "before the target in the forward pass). The statistics were not updated."
-            )
-        detail = ", ".join(f"{k!r}: {n} of {total[k]}" for k, n in missed.items() if n)
-        raise GradientError(
-            f"Some forward passes since the last run.backward() do not lead to the target "
-            f"(passes missed per site: {detail}): each output depends only on its own forward "
-            "pass. Call run.backward(output) after every forward pass. The statistics were "
-            "not updated."
-        )
-
-    def _targets(self, output: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        if self._target_spec is not None:
-            if not self._target_captures:
-                raise GradientError(
-                    f"No activation of the target site {self._target_site.key!r} with "
-                    "gradients was seen since the last backward; run the model first."
-                )
-            return list(self._target_captures)
-        y = _first_tensor(output)
-        if y is None:
-            raise GradientError(
-                f"run.backward(output) needs the model output tensor, got "
-                f"{type(output).__name__}. Pass the tensor returned by the model, or set "
-                "target='<site>' to differentiate a site instead."
-            )
-        if not y.requires_grad:
-            raise GradientError(
-                "The output passed to run.backward() does not require grad: the forward pass "
-                "ran under torch.no_grad() or torch.inference_mode(). Run it with gradients "
-                "enabled inside the block."
-            )
-        # Padding positions of a (batch, pos, ...) output are not probed either.
-        return [(y, self._mask)]
-
-    def _chunk_for(self, y: torch.Tensor, edges: list[tuple[str, Any]]) -> int:
-        """Probes per batched backward: ``chunk``, or with "auto" as many as keep each
-        vmapped gradient near 2**21 elements on a GPU (2**19 on a CPU), between 1 and 64."""
-        if self.chunk != "auto":
-            return int(self.chunk)
-        budget = _AUTO_CHUNK_ELEMENTS["cuda" if y.is_cuda else "cpu"]
-        largest = max([y.numel(), *(math.prod(item[2]) for _, item in edges)])
-        return max(1, min(64, budget // max(largest, 1)))
-
-    def _probes(
-        self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
-    ) -> Iterator[torch.Tensor]:
-        positions = self.target_positions
-        if positions is None and self._target_spec is not None:
-            positions = self._target_site.positions
-        return probe_chunks(
-            self.jacobians,
-            y.shape,
-            readout=self.readout,
-            positions=positions,
-            mask=mask if y.ndim >= 3 else None,
-            n_probes=self.n_probes,
-            chunk=chunk,
-            generator=self._generator,
-            dtype=y.dtype,
-            device=y.device,
-            name=self._target_site.key if self._target_spec is not None else "output",
-        )
-
-    def _check_grad_enabled(self) -> None:
-        if self._pending_no_grad:
-            key = next(k for k in self._no_grad_batches if k in self._pending_no_grad)
-            self._pending_no_grad.clear()
-            self._captures.clear()
-            self._target_captures.clear()
-            raise GradientError(
-                f"Site {key!r} was reached without gradients since the last run.backward(): "
-                f"{self._no_grad_reason[key]}. Jacobians need the forward pass to build an "
-                "autograd graph: run it with gradients enabled inside the block, or pass "
-                "jacobians=None to collect activations only."
-            )
-
-    def _check_gradients_reached(self, pending: set[str]) -> None:
-        for key in self.stats:
-            site_stats = self.stats[key]
-            if (
-                site_stats.grads is not None
-                and site_stats.grads.n_samples == 0
-                and site_stats.n_batches
-            ):
-                why = (
-                    self._no_grad_reason[key]
-                    if key in self._no_grad_reason
-                    else "run.backward(...) was never called"
-                )
-                raise GradientError(
-                    f"No gradients reached {key!r} (activations seen for "
-                    f"{site_stats.n_batches} batches): {why}. Call run.backward(...) after "
-                    "each forward pass (run with gradients enabled) inside the "
-                    "`with dh.collect(...)` block, or pass jacobians=None."
-                )
-        pending = pending | self._pending_no_grad
-        if pending:
-            warnings.warn(
-                f"Forward passes reached site(s) {sorted(pending)} after the last "
-                "run.backward(): their activations are in .acts, their Jacobians are not in "
-                ".grads. Call run.backward(output) after every forward pass.",
-                stacklevel=3,
-            )
-
     def _site(self, key: str) -> Site:
         return next(s for s in self.sites if s.key == key)
 
@@ -575,7 +331,7 @@ def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]
     if io == "output":
 
         def forward_hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            act = _first_tensor(output)
+            act = first_tensor(output)
             if act is not None:
                 hook(act)
 
@@ -583,7 +339,7 @@ def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]
     else:
 
         def pre_hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
-            act = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+            act = first_tensor(args) if args else first_tensor(list(kwargs.values()))
             if act is not None:
                 hook(act)
 
@@ -592,19 +348,6 @@ def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]
         yield
     finally:
         handle.remove()
-
-
-def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """Yield ``(item, is_last)``, holding one item of look-ahead (not the whole list)."""
-    iterator = iter(items)
-    try:
-        current = next(iterator)
-    except StopIteration:
-        return
-    for upcoming in iterator:
-        yield current, False
-        current = upcoming
-    yield current, True
 
 
 def _why_no_grad() -> str:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._backward import first_tensor as _first_tensor
 from .._errors import GradientError, ShapeMismatchError
 from ..basis import InteractionBasis
-from ..collect import _first_tensor
 from ..sites import Positions, Site, _position_index, resolve_sites
 
 Forward = Callable[[nn.Module, Any], Any]

@@ -41,8 +41,7 @@ import math  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
+from benchmarks._timing import best_times
 
 F64 = torch.float64
 
@@ -187,16 +187,6 @@ def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
 
-def _best_times(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 # -- 1. exact probes vs the per-coordinate loop ------------------------------------------------
 def bench_exact_vs_loop(quick: bool, repeats: int) -> list[dict[str, Any]]:
     """Speed of exact probes against the per-coordinate loop in three regimes."""
@@ -225,7 +215,7 @@ def bench_exact_vs_loop(quick: bool, repeats: int) -> list[dict[str, Any]]:
         batches = _batches(n, batch, shape)
         exact_grams(model, batches[:1], sites)  # warm-up
         loop_grams(model, batches[:1], sites)
-        times = _best_times(
+        times = best_times(
             {
                 "exact": lambda m=model, b=batches, s=sites: exact_grams(m, b, s),
                 "loop": lambda m=model, b=batches, s=sites: loop_grams(m, b, s),
@@ -297,7 +287,7 @@ def bench_closed_form(quick: bool, repeats: int) -> list[dict[str, Any]]:
     batches = _batches(n, 512, (MLP_WIDTHS[0],))
     closed_form_grams(model, batches[:1])  # warm-up
     exact_layer_grams(model, batches[:1])
-    times = _best_times(
+    times = best_times(
         {
             "closed": lambda: closed_form_grams(model, batches),
             "exact": lambda: exact_layer_grams(model, batches),

@@ -26,14 +26,13 @@ import os
 # Set before torch is imported (when run as a script); main() also pins torch's own pool.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
+from benchmarks._timing import best_times
 
 SITES = ("1", "3")  # the two ReLU outputs
 
@@ -93,19 +92,6 @@ def run_ipca(model: torch.nn.Sequential, batches: list[torch.Tensor]) -> list[An
     return fits
 
 
-def _best_times(
-    variants: dict[str, Callable[[], Any]], repeats: dict[str, int]
-) -> dict[str, float]:
-    best = dict.fromkeys(variants, float("inf"))
-    for round_index in range(max(repeats.values())):
-        for name, fn in variants.items():
-            if round_index < repeats[name]:
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def main(
     quick: bool = False,
     n_batches: int | None = None,
@@ -133,7 +119,7 @@ def main(
     run_collect(model, batches[:2])  # warm-up: first-call allocations, lazy imports
     run_bare(model, batches[:2])
     run_ipca(model, batches[:2])
-    times = _best_times(
+    times = best_times(
         {
             "collect": lambda: run_collect(model, batches),
             "bare": lambda: run_bare(model, batches),

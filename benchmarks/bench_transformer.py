@@ -27,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
+from benchmarks._timing import best_times
 
 D_MLP = 3072
 N_LAYERS = 12
@@ -95,16 +95,6 @@ def make_gemms(n_tokens: int, n_batches: int) -> Callable[[], None]:
     return gemms
 
 
-def _best_times(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def main(
     quick: bool = False,
     n_batches: int | None = None,
@@ -141,7 +131,7 @@ def main(
     run_forward(model, [batches[0][:1, :16]])
     make_gemms(16, 1)()
     last: dict[str, dh.Statistics] = {}
-    times = _best_times(
+    times = best_times(
         {
             "ours": lambda: last.__setitem__("stats", run_ours(model, batches)),
             "forward": lambda: run_forward(model, batches),

@@ -1,0 +1,26 @@
+"""Shared timing helper of the benchmarks: interleaved repeats, best time per variant."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def best_times(
+    variants: Mapping[str, Callable[[], Any]], repeats: int | Mapping[str, int]
+) -> dict[str, float]:
+    """Minimum wall time of each variant over ``repeats`` rounds, the variants interleaved.
+
+    Interleaving makes the comparison fair on a shared, noisy machine: every variant sees
+    the same background load. ``repeats`` may differ per variant (a slow baseline once).
+    """
+    counts = dict(repeats) if isinstance(repeats, Mapping) else dict.fromkeys(variants, repeats)
+    best = dict.fromkeys(variants, float("inf"))
+    for round_index in range(max(counts.values())):
+        for name, fn in variants.items():
+            if round_index < counts[name]:
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best

@@ -35,6 +35,7 @@ __all__ = [
     "deep_linear",
     "gelu_mlp",
     "inputs",
+    "mlp_transformer",
     "position_mixer",
     "relu_mlp",
     "residual_mlp",
@@ -201,6 +202,32 @@ def attn_only_transformer(seed: int = 0, *, n_layers: int = 2, d_vocab: int = 11
         device="cpu",
     )
     return HookedTransformer(cfg).eval()
+
+
+def mlp_transformer(seed: int = 0, *, n_ctx: int = 6, d_vocab: int = 13, act_fn: str = "relu"):
+    """A 1-layer TransformerLens model with an MLP (``d_model=8``, ``d_mlp=16``, no LayerNorm).
+
+    Imports ``transformer_lens`` lazily; float32, as TransformerLens builds it by default.
+    """
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        d_mlp=16,
+        n_heads=2,
+        d_head=4,
+        n_ctx=n_ctx,
+        d_vocab=d_vocab,
+        act_fn=act_fn,
+        normalization_type=None,
+        seed=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(cfg)
 
 
 def tokens(n: int, n_pos: int = 6, seed: int = 0, *, d_vocab: int = 11) -> torch.Tensor:

@@ -41,7 +41,9 @@ def test_demo_writes_its_report(tmp_path: Path):
     out = tmp_path / "report"
     done = subprocess.run(
         [sys.executable, "-m", "degen_hooks", "demo", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LIB width" in done.stdout

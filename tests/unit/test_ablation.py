@@ -108,8 +108,15 @@ def test_bisection_finds_the_exact_minimum_on_a_coarse_schedule(fitted):
     metric = mse_to(reference)
     full = dh.node_ablation_curve(model, bases, "1", [x], metric=metric, progress=False)
     coarse = dh.node_ablation_curve(
-        model, bases, "1", [x], metric=metric, n_kept=[0, 8], tolerance=1e-3,
-        higher_is_better=False, progress=False,
+        model,
+        bases,
+        "1",
+        [x],
+        metric=metric,
+        n_kept=[0, 8],
+        tolerance=1e-3,
+        higher_is_better=False,
+        progress=False,
     )
     exact = full.min_features(1e-3, higher_is_better=False)
     assert coarse.min_features(1e-3, higher_is_better=False) == exact

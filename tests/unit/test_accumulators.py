@@ -230,5 +230,7 @@ def test_bad_weights_and_masks():
 def test_cofiring_thresholds_must_agree_to_merge():
     a = dh.CoFiring(threshold=0.0).update(torch.randn(4, 3))
     b = dh.CoFiring(threshold=0.5).update(torch.randn(4, 3))
-    with pytest.raises(dh.ShapeMismatchError, match=r"threshold=0.5\) into CoFiring\(threshold=0.0\)"):
+    with pytest.raises(
+        dh.ShapeMismatchError, match=r"threshold=0.5\) into CoFiring\(threshold=0.0\)"
+    ):
         a.merge(b)

@@ -18,7 +18,9 @@ def test_accumulators_live_on_the_gpu_and_match_the_cpu():
     x = inputs(500, 6, seed=0)
     gpu = dh.Covariance().update(x.cuda())
     assert gpu.cov().device.type == "cuda" and gpu.cov().dtype == torch.float64
-    torch.testing.assert_close(gpu.cov().cpu(), dh.Covariance().update(x).cov(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        gpu.cov().cpu(), dh.Covariance().update(x).cov(), rtol=1e-12, atol=1e-14
+    )
     counts = dh.CoFiring().update(x.cuda())
     assert torch.equal(counts.cofire_counts().cpu(), dh.CoFiring().update(x).cofire_counts())
 
@@ -30,4 +32,6 @@ def test_collect_and_build_on_the_gpu_equal_the_cpu():
     gpu = dh.build_bases(gpu_model, ["1", "3"], x.cuda().split(64), sections=None, progress=False)
     for key in ("1", "3"):
         assert gpu.stats_[key].acts.cov().device.type == "cuda"
-        torch.testing.assert_close(gpu.lambdas_[key].cpu(), cpu.lambdas_[key], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            gpu.lambdas_[key].cpu(), cpu.lambdas_[key], rtol=1e-9, atol=1e-12
+        )

@@ -21,6 +21,7 @@ from degen_hooks.degeneracy import (
     behavioural_null_dimension,
     degeneracy_report,
 )
+from tests.cases import mlp_transformer
 
 H, D_IN, D_OUT = 6, 4, 5
 EPS = torch.finfo(torch.float64).eps
@@ -307,27 +308,14 @@ def test_constant_neuron_counts_through_the_centred_covariance():
 @pytest.mark.slow
 def test_transformer_lens_report():
     pytest.importorskip("transformer_lens")
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=8,
-        d_mlp=16,
-        n_heads=2,
-        d_head=4,
-        n_ctx=4,
-        d_vocab=7,
-        act_fn="relu",
-        normalization_type=None,
-        seed=0,
-    )
-    model = HookedTransformer(cfg)
+    model = mlp_transformer(n_ctx=4, d_vocab=7)
     tokens = torch.randint(0, 7, (30, 4), generator=torch.Generator().manual_seed(0))
     sites = ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"]
     with dh.collect(model, sites, firing=True, jacobians="exact") as run:
         run.backward(model(tokens))
     report = degeneracy_report(run.stats, model=model, data=tokens)
     pre, post = report.sites
+    cfg = model.cfg
     assert pre.activation_rank <= cfg.d_model  # pre-activations are affine in the residual
     assert (pre.d_next, post.d_next) == (None, cfg.d_model)  # read through mlp.W_out
     n_params = sum(p.numel() for p in model.parameters())

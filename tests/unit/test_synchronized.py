@@ -21,6 +21,7 @@ from torch import nn
 
 import degen_hooks as dh
 from degen_hooks.synchronized import SynchronizedNeurons, find_synchronized
+from tests.cases import mlp_transformer
 
 D_IN = 4
 
@@ -395,21 +396,7 @@ def test_summary_html_and_repr():
 @pytest.mark.slow
 def test_transformer_lens_hook_pre_and_hook_post():
     pytest.importorskip("transformer_lens")
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=8,
-        d_mlp=16,
-        n_heads=2,
-        d_head=4,
-        n_ctx=6,
-        d_vocab=13,
-        act_fn="relu",
-        normalization_type=None,
-        seed=0,
-    )
-    model = HookedTransformer(cfg)
+    model = mlp_transformer(n_ctx=6, d_vocab=13)
     tokens = torch.randint(0, 13, (10, 6), generator=torch.Generator().manual_seed(0))
     sites = ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"]
     with dh.collect(model, sites, firing=True) as run:

@@ -77,9 +77,7 @@ class SiteStatistics:
 
     def __repr__(self) -> str:
         parts = [f"d_site={self.d_site}", f"n_samples={self.acts.n_samples}"]
-        parts += [
-            k for k in ("grads", "firing", "derivs") if getattr(self, k) is not None
-        ]
+        parts += [k for k in ("grads", "firing", "derivs") if getattr(self, k) is not None]
         return f"SiteStatistics({', '.join(parts)})"
 
 
@@ -172,20 +170,10 @@ class Statistics(Mapping[str, SiteStatistics]):
             accs: dict[str, Any] = {}
             for kind in desc["kinds"]:
                 if kind not in _KINDS:
-                    raise ShapeMismatchError(
-                        f"Unknown statistic kind {kind!r} for {key!r}."
-                    )
+                    raise ShapeMismatchError(f"Unknown statistic kind {kind!r} for {key!r}.")
                 prefix = f"{key}/{kind}/"
-                part = {
-                    k[len(prefix) :]: v
-                    for k, v in state.items()
-                    if k.startswith(prefix)
-                }
-                acc = (
-                    CoFiring(threshold=desc["threshold"])
-                    if kind == "firing"
-                    else _KINDS[kind]()
-                )
+                part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                acc = CoFiring(threshold=desc["threshold"]) if kind == "firing" else _KINDS[kind]()
                 accs[kind] = acc.load_state_dict(part)
             sites[key] = SiteStatistics(
                 **accs, n_batches=int(desc["n_batches"]), info=dict(desc["info"])

@@ -29,6 +29,7 @@ from .accumulators import SecondMoment
 from .basis import InteractionBasis, interaction_rotation, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
+from .distributed import all_reduce_
 from .sites import Site
 from .statistics import Statistics
 
@@ -59,6 +60,8 @@ def build_bases(
     n_components: int | None = None,
     chunk: int | str = "auto",
     seed: int = 0,
+    distributed: bool = False,
+    group: Any = None,
     progress: bool = True,
 ) -> InteractionBasis:
     """Build the bases of ``sites`` (ordered from input to output) in one call.
@@ -88,6 +91,11 @@ def build_bases(
         n_components: Keep at most this many features per site.
         chunk: Probes per batched backward pass ("auto": sized to the activations).
         seed: Seed of random probes.
+        distributed: Run the passes over ``torch.distributed`` ranks: every rank passes its
+            own shard of ``data``, the statistics of each pass are combined exactly
+            (:func:`~degen_hooks.all_reduce_`) and every rank fits the same bases, as one
+            process over the union of the shards would.
+        group: The process group (default: the world).
         progress: Show tqdm progress bars.
 
     Returns:
@@ -126,6 +134,11 @@ def build_bases(
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
 
+    def combined(stats: Statistics) -> Statistics:
+        if distributed:
+            all_reduce_(stats, group)
+        return stats
+
     # Pass 1: activation statistics of every site (and the output, and MLP derivatives).
     derivative_sites = {
         f"{key}#derivs": Site(
@@ -141,8 +154,8 @@ def build_bases(
     started = time.perf_counter()
     with collect(model, pass_sites, derivatives=derivatives) as run:
         run.over(data, desc="activations", **common)
+    stats = combined(run.stats)
     timings["activations"] = time.perf_counter() - started
-    stats = run.stats
 
     basis_variant = {"pca": "pca", "neuron": "neuron"}.get(variant, "lib")
     basis = InteractionBasis(variant=basis_variant, rtol=rtol, atol=atol, n_components=n_components)
@@ -165,6 +178,7 @@ def build_bases(
         started = time.perf_counter()
         with collect(model, site_objs, readout=readout, **target_kw, **probe_kw) as run:
             run.over(data, desc="jacobians (global)", **common)
+        combined(run.stats)
         timings["jacobians (global)"] = time.perf_counter() - started
         for site in site_objs:
             stats[site.key].grads = run.stats[site.key].grads
@@ -188,6 +202,7 @@ def build_bases(
         else:
             with collect(model, [site], readout=readout, **target_kw, **probe_kw) as run:
                 run.over(data, desc=label, **common)
+            combined(run.stats)
             stats[site.key].grads = run.stats[site.key].grads
         _fit_one(basis, stats, site.key, rtol, atol, n_components)
         timings[label] = time.perf_counter() - started

@@ -108,6 +108,16 @@ if mode == "union":
     attempt("layout", lambda: all_reduce_(other.update(torch.ones(2, 3)), timeout=20))
     wide = dh.Covariance().update(torch.ones(2, 3 + rank))
     attempt("width", lambda: all_reduce_(wide, timeout=20))
+elif mode == "build":
+    state = {}
+    for variant, sections in (("closed", "auto"), ("probes", None)):
+        basis = dh.build_bases(make_model(), ["0", "1"], make_batches()[rank::world],
+                               sections=sections, distributed=True, progress=False)
+        for key in basis.sites_:
+            state[f"{variant}/{key}/lambdas"] = basis.lambdas_[key]
+            state[f"{variant}/{key}/projector"] = basis.projector(key)
+    save_file(state, f"{out}/rank{rank}.safetensors")
+    report["build"] = {"ok": True}
 elif mode == "crash":
     acc = dh.Covariance().update(torch.ones(2, 3))
     if rank == 1:
@@ -280,3 +290,25 @@ def test_ddp_site_names_resolve_with_and_without_prefix(tmp_path: Path) -> None:
             all_reduce_([acc])
     finally:
         dist.destroy_process_group()
+
+
+def test_distributed_build_equals_one_process_over_the_union(tmp_path: Path) -> None:
+    _, logs = _launch("build", tmp_path)
+    for rank in range(2):
+        assert _report(tmp_path, rank, logs)["build"]["ok"]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for variant, sections in (("closed", "auto"), ("probes", None)):
+        whole = dh.build_bases(
+            namespace["make_model"](),
+            ["0", "1"],
+            namespace["make_batches"](),
+            sections=sections,
+            progress=False,
+        )
+        for key in whole.sites_:
+            want = {"lambdas": whole.lambdas_[key], "projector": whole.projector(key)}
+            for state in ranks:  # every rank holds the union's bases
+                for name, value in want.items():
+                    torch.testing.assert_close(
+                        state[f"{variant}/{key}/{name}"], value, rtol=1e-10, atol=1e-10
+                    )

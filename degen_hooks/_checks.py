@@ -6,6 +6,7 @@ Low-level checks raise precise messages; public entry points add context once.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,7 +14,14 @@ import torch
 
 from ._errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["as_rows", "check_fitted", "check_width", "closest", "nonfinite_rows"]
+__all__ = [
+    "as_rows",
+    "check_fitted",
+    "check_width",
+    "closest",
+    "nonfinite_rows",
+    "optional_import",
+]
 
 
 def as_rows(x: torch.Tensor, what: str = "activations") -> torch.Tensor:
@@ -69,3 +77,21 @@ def check_fitted(estimator: Any, attributes: Sequence[str]) -> None:
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The up to ``n`` candidates closest to ``name`` (difflib ratio), best first."""
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+
+
+def optional_import(module: str, purpose: str, package: str | None = None) -> Any:
+    """Import an optional dependency, or raise an ImportError that says how to install it.
+
+    Args:
+        module: Module to import, e.g. ``"matplotlib.pyplot"``.
+        purpose: What needs it, for the message (``"Plotting"``).
+        package: The pip package name (default: the module's top-level name).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        name = package or module.split(".")[0]
+        raise ImportError(
+            f"{purpose} needs {name}, an optional dependency: pip install {name} "
+            "(or pip install 'degen-hooks[plot]')."
+        ) from err

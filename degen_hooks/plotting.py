@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ._checks import optional_import
+
 __all__ = [
     "plot_ablation_curve",
     "plot_ablation_curves",
@@ -23,14 +25,7 @@ __all__ = [
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - matplotlib is in the test environment
-        raise ImportError(
-            "Plotting needs matplotlib, an optional dependency: pip install matplotlib "
-            "(or pip install 'degen-hooks[plot]')."
-        ) from err
-    return plt
+    return optional_import("matplotlib.pyplot", "Plotting", "matplotlib")
 
 
 def _axes(ax: Any) -> tuple[Any, Any]:

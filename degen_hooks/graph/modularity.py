@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import optional_import
 from ..basis import InteractionBasis
 from .edges import InteractionGraph, Pair, fit_graphs
 
@@ -33,14 +34,7 @@ __all__ = [
 
 
 def _networkx() -> Any:
-    try:
-        import networkx
-    except ImportError as err:  # pragma: no cover - networkx is in the test environment
-        raise ImportError(
-            "Interaction networks and communities need networkx, an optional dependency: "
-            "pip install networkx (or pip install 'degen-hooks[plot]')."
-        ) from err
-    return networkx
+    return optional_import("networkx", "Interaction networks and communities")
 
 
 def _values(edges: torch.Tensor) -> torch.Tensor:

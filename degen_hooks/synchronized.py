@@ -30,11 +30,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._checks import check_fitted
 from ._errors import EmptyStatisticsError, FormatError
+from ._grouping import complete_linkage, identical_rows
 from .accumulators import CoFiring
 from .statistics import SiteStatistics, Statistics
 
@@ -194,10 +194,10 @@ class SynchronizedNeurons:
             candidates = candidates[~dead]
             sub = disagree[candidates][:, candidates]
         if self.tolerance == 0:
-            root = _identical_rows(sub)
+            root = identical_rows(sub)
         else:
             allowed = math.floor(self.tolerance * n * (1 + 1e-12))
-            root = _complete_linkage(sub, allowed + 0.5)
+            root = complete_linkage(sub, allowed + 0.5)
 
         members: dict[int, list[int]] = {}
         for neuron, label in zip(candidates.tolist(), root.tolist(), strict=True):
@@ -477,31 +477,3 @@ def _firing_of(
 
 def _at(site: str | None) -> str:
     return "" if site is None else f" at {site!r}"
-
-
-def _identical_rows(disagree: torch.Tensor) -> torch.Tensor:
-    """Label each neuron by the first neuron with an identical pattern, shape ``(m,)``.
-
-    Zero Hamming distance is an equivalence relation, so the first zero of each row names
-    the class (argmax returns the first maximum).
-    """
-    if disagree.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    return (disagree == 0).to(torch.uint8).argmax(dim=1).cpu()
-
-
-def _complete_linkage(disagree: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Complete-linkage cluster labels on a precomputed distance matrix, shape ``(m,)``."""
-    m = disagree.shape[0]
-    if m < 2:
-        return torch.arange(m)
-    from sklearn.cluster import AgglomerativeClustering
-
-    clustering = AgglomerativeClustering(
-        n_clusters=None,
-        metric="precomputed",
-        linkage="complete",
-        distance_threshold=threshold,
-    )
-    labels = clustering.fit_predict(disagree.cpu().numpy().astype(np.float64, copy=False))
-    return torch.from_numpy(labels.astype(np.int64))

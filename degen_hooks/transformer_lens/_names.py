@@ -1,0 +1,160 @@
+"""TransformerLens model families and site names: bridge aliases, component paths, config.
+
+Part of :mod:`degen_hooks.transformer_lens`; see its docstring.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from .._errors import SiteNotFoundError
+from ..sites import _is_transformer_lens, _unwrap
+
+# Children through which a TransformerBridge reaches the wrapped model a second time.
+_WRAPPED_CHILDREN = frozenset({"_original_component", "original_component", "original_model"})
+_NORMS = frozenset({"LN", "LNPre", "RMS", "RMSPre"})
+_PARAM_FREE_NORMS = frozenset({"LNPre", "RMSPre"})
+
+
+# -- which family ----------------------------------------------------------------------------
+def _tl_class(model: nn.Module, module: str, name: str) -> bool:
+    # A model of a TransformerLens class means transformer_lens is already imported: look
+    # the class up in sys.modules instead of importing the (slow) package.
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None)
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
+def is_bridge(model: nn.Module) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (no import needed).
+
+    Args:
+        model: Any module (a DDP wrapper is looked through).
+
+    Returns:
+        ``True`` for a ``TransformerBridge`` or a subclass.
+    """
+    inner, _ = _unwrap(model)
+    return _tl_class(inner, "transformer_lens.model_bridge.bridge", "TransformerBridge")
+
+
+def is_transformer_lens(model: nn.Module) -> bool:
+    """Whether ``model`` comes from TransformerLens (``HookedTransformer``, bridge, ...).
+
+    Cheap: checks the class hierarchy's modules, imports nothing.
+
+    Args:
+        model: Any module (a DDP wrapper is looked through).
+
+    Returns:
+        ``True`` if a class in ``type(model).__mro__`` is defined in ``transformer_lens``.
+    """
+    return _is_transformer_lens(_unwrap(model)[0])
+
+
+# -- names -----------------------------------------------------------------------------------
+def _component_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of a bridge by component path, skipping the wrapped-model back-references."""
+    paths: dict[str, nn.Module] = {"": model}
+    seen = {id(model)}
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        children = [(n, c) for n, c in module.named_children() if n not in _WRAPPED_CHILDREN]
+        for name, child in reversed(children):  # reversed + stack pop = definition order
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            stack.append((f"{prefix}.{name}" if prefix else name, child))
+        if prefix:
+            paths[prefix] = module
+    return paths
+
+
+def site_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every name a site may use on a TransformerLens model, mapped to its module.
+
+    ``HookedTransformer``: ``named_modules()``. ``TransformerBridge``: component paths
+    (``blocks.0.mlp.out.hook_in``) followed by the hook aliases TransformerLens defines
+    (``blocks.0.mlp.hook_post``, ``blocks.0.hook_resid_mid``, ``hook_embed``, ...), several
+    names per HookPoint.
+
+    Args:
+        model: A TransformerLens model (a DDP wrapper is looked through).
+
+    Returns:
+        ``{name: module}``; the root is ``""``. Several names may share one module.
+
+    Examples:
+        >>> import torch, warnings
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2,
+        ...                               d_mlp=16, d_vocab=11, act_fn="relu")
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     model = HookedTransformer(cfg)
+        >>> "blocks.0.mlp.hook_post" in site_modules(model)
+        True
+    """
+    inner, _ = _unwrap(model)
+    if not is_bridge(inner):
+        return dict(inner.named_modules())
+    modules = _component_paths(inner)
+    for alias, hook in inner.hook_dict.items():
+        modules.setdefault(alias, hook)
+    return modules
+
+
+def resolve_alias(model: nn.Module, name: str) -> str | None:
+    """The component path a ``TransformerBridge`` hook alias points to.
+
+    TransformerLens writes the canonical name into ``HookPoint.name``, but
+    ``enable_compatibility_mode()`` renames some HookPoints to their legacy alias (after it,
+    ``blocks.0.ln2.hook_in`` is named ``blocks.0.hook_resid_mid``), so this returns the
+    component path, which does not change.
+
+    Args:
+        model: Any model (a DDP wrapper is looked through).
+        name: A hook name such as ``"blocks.0.mlp.hook_post"``.
+
+    Returns:
+        The component path (``"blocks.0.mlp.out.hook_in"``) if ``model`` is a bridge and
+        ``name`` is an alias of another path; ``None`` for a component path, an unknown name
+        or a model that is not a bridge.
+    """
+    inner, _ = _unwrap(model)
+    if not is_bridge(inner):
+        return None
+    hook = inner.hook_dict.get(name)
+    if hook is None:
+        return None
+    for path, module in _component_paths(inner).items():
+        if module is hook:
+            return None if path == name else path
+    return None
+
+
+def _cfg(model: nn.Module) -> Any:
+    inner, _ = _unwrap(model)
+    cfg = getattr(inner, "cfg", None)
+    if cfg is None:
+        raise TypeError(
+            f"{type(inner).__name__} has no .cfg: pass a TransformerLens HookedTransformer or "
+            "TransformerBridge."
+        )
+    return cfg
+
+
+def _layers(model: nn.Module, layer: int | None) -> list[int]:
+    n_layers = int(_cfg(model).n_layers)
+    if layer is None:
+        return list(range(n_layers))
+    if not -n_layers <= layer < n_layers:
+        raise SiteNotFoundError(
+            f"Layer {layer} does not exist: the model has n_layers={n_layers} "
+            f"(blocks.0 ... blocks.{n_layers - 1})."
+        )
+    return [layer % n_layers]

@@ -124,6 +124,12 @@ class AblationCurve:
     values: dict[str, list[float]] = field(default_factory=dict)
     baseline: float = float("nan")
 
+    def within(self, value: float, tolerance: float, *, higher_is_better: bool = True) -> bool:
+        """Whether ``value`` is at most ``tolerance`` worse than the baseline."""
+        if higher_is_better:
+            return value >= self.baseline - tolerance
+        return value <= self.baseline + tolerance
+
     def min_features(
         self, tolerance: float, *, higher_is_better: bool = True
     ) -> dict[str, int | None]:
@@ -133,11 +139,7 @@ class AblationCurve:
             ok = [
                 k
                 for k, v in zip(ks, self.values[name], strict=True)
-                if (
-                    v >= self.baseline - tolerance
-                    if higher_is_better
-                    else v <= self.baseline + tolerance
-                )
+                if self.within(v, tolerance, higher_is_better=higher_is_better)
             ]
             out[name] = min(ok) if ok else None
         return out
@@ -238,9 +240,7 @@ def _bisect(
     """Refine ``curve[name]`` between its last failing and first passing ``k``."""
 
     def ok(value: float) -> bool:
-        if higher_is_better:
-            return value >= curve.baseline - tolerance
-        return value <= curve.baseline + tolerance
+        return curve.within(value, tolerance, higher_is_better=higher_is_better)
 
     ks, values = curve.n_kept[name], curve.values[name]
     passing = [k for k, v in zip(ks, values, strict=True) if ok(v)]

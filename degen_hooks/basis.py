@@ -231,10 +231,15 @@ class InteractionBasis:
                 raise SiteNotFoundError(
                     f"No statistics for site {key!r}; available: {list(stats)}."
                 )
-            self._fit_site(key, stats[key])
+            self.fit_site(key, stats[key])
         return self
 
-    def _fit_site(self, key: str, site_stats: SiteStatistics) -> None:
+    def fit_site(self, key: str, site_stats: SiteStatistics) -> InteractionBasis:
+        """Fit (or refit) the rotation of one site from its statistics; returns ``self``.
+
+        Raises:
+            GradientError: If ``variant="lib"`` and the site has no Jacobian statistics.
+        """
         acts = site_stats.acts
         gram = acts.cov() if self.center else acts.second_moment()
         mean = (
@@ -261,7 +266,7 @@ class InteractionBasis:
             rot = pca_rotation(gram, rtol=self.rtol, atol=self.atol, n_components=self.n_components)
         else:
             rot = _neuron_rotation(gram, self.n_components)
-        self.add_rotation(key, rot, mean, info=site_stats.info)
+        return self.add_rotation(key, rot, mean, info=site_stats.info)
 
     def add_rotation(
         self,

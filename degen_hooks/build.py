@@ -26,7 +26,7 @@ from torch import nn
 
 from ._errors import ShapeMismatchError
 from .accumulators import SecondMoment
-from .basis import InteractionBasis, interaction_rotation, pca_rotation
+from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
 from .distributed import all_reduce_
@@ -173,7 +173,6 @@ def build_bases(
         {"target": out_site} if out_site is not None else {"target_positions": output_positions}
     )
 
-    basis.fit_params_ = {"variant": variant}
     if variant == "global":
         started = time.perf_counter()
         with collect(model, site_objs, readout=readout, **target_kw, **probe_kw) as run:
@@ -182,7 +181,7 @@ def build_bases(
         timings["jacobians (global)"] = time.perf_counter() - started
         for site in site_objs:
             stats[site.key].grads = run.stats[site.key].grads
-            _fit_one(basis, stats, site.key, rtol, atol, n_components)
+            basis.fit_site(site.key, stats[site.key])
         return _finish(basis, stats, timings, readout)
 
     for index in range(len(site_objs) - 1, -1, -1):
@@ -204,7 +203,7 @@ def build_bases(
                 run.over(data, desc=label, **common)
             combined(run.stats)
             stats[site.key].grads = run.stats[site.key].grads
-        _fit_one(basis, stats, site.key, rtol, atol, n_components)
+        basis.fit_site(site.key, stats[site.key])
         timings[label] = time.perf_counter() - started
     # Sites were fitted last to first; report them in model order.
     basis.sites_ = keys
@@ -232,25 +231,6 @@ def _output_site(output: str | Site | None, positions: Any, rotate: bool) -> Sit
 
 def _site_of(site_objs: list[Site], key: str) -> Site:
     return next(s for s in site_objs if s.key == key)
-
-
-def _fit_one(
-    basis: InteractionBasis,
-    stats: Statistics,
-    key: str,
-    rtol: float | None,
-    atol: float,
-    n_components: int | None,
-) -> None:
-    site_stats = stats[key]
-    rotation = interaction_rotation(
-        site_stats.acts.cov(),
-        site_stats.grads.second_moment(),
-        rtol=rtol,
-        atol=atol,
-        n_components=n_components,
-    )
-    basis.add_rotation(key, rotation, site_stats.acts.mean(), info=site_stats.info)
 
 
 def _finish(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from .statistics import Statistics
 __all__ = ["build_bases"]
 
 _VARIANTS = ("local", "global", "pca", "neuron")
+_Combined = TypeVar("_Combined", Statistics, SecondMoment)
 
 
 def _as_site(site: str | Site) -> Site:
@@ -54,7 +55,7 @@ def build_bases(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     jacobians: str = "exact",
     n_probes: int = 1,
-    sections: Mapping[str, tuple[MLPSection, str | Site | None]] | str | None = "auto",
+    sections: Mapping[str, tuple[Any, str | Site | None]] | str | None = "auto",
     rtol: float | None = None,
     atol: float = 0.0,
     n_components: int | None = None,
@@ -79,10 +80,13 @@ def build_bases(
         jacobians: Probes for backward passes: ``"exact"``, ``"rademacher"``,
             ``"gaussian"``.
         n_probes: Random probes per batch (random probe kinds only).
-        sections: Closed-form MLP sections, ``{site: (MLPSection, pre_activation_site)}``:
-            the section maps ``site`` to the next site (or the output), and the derivative
-            moments are collected at ``pre_activation_site`` (same positions as ``site``;
-            ``None`` for a linear section, which needs no data).
+        sections: Closed-form sections, ``{site: (section, pre_activation_site)}``: the
+            section maps ``site`` to the next site (or the output). For an
+            :class:`~degen_hooks.MLPSection` the derivative moments are collected at
+            ``pre_activation_site`` (same positions as ``site``; ``None`` for a linear
+            section, which needs no data). A section with a ``gram_pass`` method, such as
+            :func:`degen_hooks.transformer_lens.attention_section` (pre-activation site
+            ``None``), replaces the site's backward passes by one forward pass of its own.
             ``"auto"`` (default) finds ``Linear -> activation -> Linear`` sections of
             ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`);
             ``None`` forces backward passes everywhere. Local variant only.
@@ -134,7 +138,7 @@ def build_bases(
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
 
-    def combined(stats: Statistics) -> Statistics:
+    def combined(stats: _Combined) -> _Combined:
         if distributed:
             all_reduce_(stats, group)
         return stats
@@ -145,7 +149,7 @@ def build_bases(
             _as_site(pre).name, positions=_site_of(site_objs, key).positions, label=f"{key}#derivs"
         )
         for key, (section, pre) in sections.items()
-        if not section.is_linear  # a linear section's Gram needs no data
+        if isinstance(section, MLPSection) and not section.is_linear  # linear: needs no data
     }
     pass_sites = list(site_objs) + list(derivative_sites.values())
     if rotate_output and out_site is not None:
@@ -192,11 +196,23 @@ def build_bases(
             readout = basis.rotations_[nxt.key]
         label = f"jacobians {site.key}"
         started = time.perf_counter()
-        if site.key in sections:
+        if site.key in sections and isinstance(sections[site.key][0], MLPSection):
             section = sections[site.key][0]
             derivs = None if section.is_linear else stats[f"{site.key}#derivs"].derivs
             gram = section.jacobian_gram(derivs, readout)
             stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
+            label += " (closed form)"
+        elif site.key in sections:  # a section with a forward pass of its own
+            target = target_kw.get("target")
+            if target is None:
+                raise ValueError(
+                    f"The section of {site.key!r} needs a target site: give build_bases an "
+                    "output= site (or put the section's output among the sites)."
+                )
+            gram = sections[site.key][0].gram_pass(
+                model, data, site, _as_site(target), readout, **common
+            )
+            stats[site.key].grads = combined(gram)
             label += " (closed form)"
         else:
             with collect(model, [site], readout=readout, **target_kw, **probe_kw) as run:

@@ -14,8 +14,10 @@ what is specific to the two model families of TransformerLens 3:
   is hooked once per requested name, so nothing is counted twice.
 
 It also builds the closed-form MLP section of a block (:func:`mlp_section`, lib_math §12)
-and records TransformerLens weight processing (``fold_ln``, ``center_writing_weights``, ...),
-which changes the weights and therefore the coordinates any basis is expressed in
+and of its attention layer (:func:`attention_section`: one forward pass instead of
+backward probes), and records TransformerLens weight processing (``fold_ln``,
+``center_writing_weights``, ...), which changes the weights and therefore the coordinates
+any basis is expressed in
 (:func:`processing_flags`, :func:`record_metadata`).
 
 Nothing in ``degen_hooks`` imports this module at import time, and it never imports
@@ -25,12 +27,16 @@ Nothing in ``degen_hooks`` imports this module at import time, and it never impo
 
 from __future__ import annotations
 
+from ._attention import AttentionSection, attention_section, attention_section_sites
 from ._mlp import mlp_section, mlp_section_sites, mlp_sites
 from ._names import is_bridge, is_transformer_lens, resolve_alias, site_modules
 from ._processing import ProcessedWeightsWarning, processing_flags, record_metadata
 
 __all__ = [
+    "AttentionSection",
     "ProcessedWeightsWarning",
+    "attention_section",
+    "attention_section_sites",
     "is_bridge",
     "is_transformer_lens",
     "mlp_section",

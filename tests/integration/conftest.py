@@ -108,3 +108,25 @@ def model(request: pytest.FixtureRequest, family: str) -> nn.Module:
 def plain_model(family: str) -> nn.Module:
     """One small model per family (ReLU, no LayerNorm)."""
     return BUILDERS[family]("relu", None)
+
+
+def hook_state(model) -> list[tuple[str, int, int, int, int, int]]:
+    """Hook counts on every module, torch's and TransformerLens's own handle lists."""
+    return [
+        (
+            name,
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "fwd_hooks", [])),
+            len(getattr(m, "bwd_hooks", [])),
+        )
+        for name, m in model.named_modules(remove_duplicate=False)
+    ]
+
+
+def warmed_up(model, tokens):
+    """The model after one forward pass: a bridge wires its own capture hooks on first use."""
+    with torch.no_grad():
+        model(tokens)
+    return model

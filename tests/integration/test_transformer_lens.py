@@ -28,6 +28,8 @@ from degen_hooks.transformer_lens import (
     site_modules,
 )
 
+from .conftest import hook_state, warmed_up
+
 RTOL = 1e-9
 
 
@@ -45,28 +47,6 @@ def assert_moments(stats, reference_rows: torch.Tensor) -> None:
     assert stats.n_samples == x.shape[0]
     torch.testing.assert_close(stats.mean(), x.mean(0), rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(stats.cov(), torch.cov(x.T, correction=0), rtol=RTOL, atol=1e-12)
-
-
-def hook_state(model) -> list[tuple[str, int, int, int, int, int]]:
-    """Hook counts on every module, torch's and TransformerLens's own handle lists."""
-    return [
-        (
-            name,
-            len(m._forward_hooks),
-            len(m._forward_pre_hooks),
-            len(m._backward_hooks),
-            len(getattr(m, "fwd_hooks", [])),
-            len(getattr(m, "bwd_hooks", [])),
-        )
-        for name, m in model.named_modules(remove_duplicate=False)
-    ]
-
-
-def warmed_up(model, tokens):
-    """The model after one forward pass: a bridge wires its own capture hooks on first use."""
-    with torch.no_grad():
-        model(tokens)
-    return model
 
 
 def all_mlp_sites(model) -> list[str]:

@@ -1,0 +1,355 @@
+"""Closed-form Jacobian Grams of TransformerLens attention layers: no backward passes.
+
+Part of :mod:`degen_hooks.transformer_lens`; see its docstring.
+
+For one attention layer with input rows ``x_j`` (row convention, ``q_hp = x_p W_Q^h + b``,
+``k_hj``, ``v_hj`` alike, pattern ``A_hpj = softmax_j(q_hp . k_hj / scale)``,
+``z_hp = sum_j A_hpj v_hj``, output ``y_p = sum_h z_hp W_O^h (+ x_p when residual)``), the
+derivative of the output at position ``p`` with respect to the input at ``j`` is
+
+    dy_p/dx_j = [p = j] I + sum_h A_hpj W_V^h W_O^h                       (residual, values)
+              + sum_h (W_K^h q_hp / scale) (A_hpj (v_hj - z_hp) W_O^h)     (keys)
+              + [p = j] sum_h sum_l (W_Q^h k_hl / scale) (A_hpl (v_hl - z_hp) W_O^h)  (queries)
+
+(the softmax derivative ``dA_hpl = A_hpl (ds_hpl - sum_m A_hpm ds_hpm)`` folded in). Every
+term is built from the layer's own ``q``, ``k``, ``v`` and pattern, read from its hooks in
+one forward pass, so masks, biases, ALiBi and shortformer position embeddings (constant in
+``x``) need no special case. Read out through ``R`` and summed over the chosen output
+positions, the per-sample Jacobians stack into rows whose Gram is one matrix product: the
+same Gram batched exact probes produce, at a fraction of the cost (one forward pass instead
+of ``r`` backward ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import ShapeMismatchError
+from ..accumulators import SecondMoment
+from ..sites import Site, _unwrap, select_positions
+from ._names import _NORMS, _cfg, _layers, site_modules
+
+_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
+_ELEMENTS = 2**21  # elements of the per-chunk Gram rows (and of the score tensors)
+
+
+def attention_section_sites(
+    model: nn.Module, layer: int, *, residual: bool = True
+) -> tuple[str, str]:
+    """The ``(input, output)`` sites matching :func:`attention_section`.
+
+    * ``residual=True`` (default): ``blocks.L.hook_resid_pre -> blocks.L.hook_resid_mid``
+      (``hook_resid_post`` in attention-only models), i.e. ``y = x + Attn(x)``.
+    * ``residual=False``: ``blocks.L.hook_resid_pre -> blocks.L.hook_attn_out``, the
+      attention layer alone.
+
+    Only models without normalization before attention have a closed form: the norm's
+    Jacobian depends on each input's scale, and a HookedTransformer applies ``ln1`` to the
+    query, key and value inputs separately, so no single hook is the section's input.
+
+    Raises:
+        ValueError: For a norm before attention, ``residual=True`` in a parallel block, or
+            attention the closed form does not cover (see :func:`attention_section`).
+    """
+    (index,) = _layers(model, layer)
+    cfg = _cfg(model)
+    _check_attention(cfg)
+    block = f"blocks.{index}"
+    if getattr(cfg, "normalization_type", None) in _NORMS:
+        raise ValueError(
+            f"Attention after a norm (normalization_type={cfg.normalization_type!r}) has no "
+            "closed form: the norm's Jacobian depends on the input's scale, and ln1 runs "
+            "separately for the query, key and value inputs. Use exact probes for "
+            f"'{block}.hook_resid_pre'."
+        )
+    if not residual:
+        return f"{block}.hook_resid_pre", f"{block}.hook_attn_out"
+    if getattr(cfg, "parallel_attn_mlp", False):
+        raise ValueError(
+            "Parallel attention/MLP blocks (cfg.parallel_attn_mlp=True) add the MLP to the same "
+            "residual: use residual=False (output hook_attn_out) or exact probes."
+        )
+    output = "hook_resid_post" if getattr(cfg, "attn_only", False) else "hook_resid_mid"
+    return f"{block}.hook_resid_pre", f"{block}.{output}"
+
+
+def _check_attention(cfg: Any) -> None:
+    unsupported = {
+        "positional_embedding_type='rotary' (q and k are rotated after their hooks)": (
+            getattr(cfg, "positional_embedding_type", "standard") == "rotary"
+        ),
+        f"n_key_value_heads={getattr(cfg, 'n_key_value_heads', None)} (grouped-query attention)": (
+            getattr(cfg, "n_key_value_heads", None) is not None
+        ),
+        "use_split_qkv_input / use_attn_in (per-head attention inputs)": bool(
+            getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
+        ),
+        "use_qk_norm (a norm inside attention)": bool(getattr(cfg, "use_qk_norm", False)),
+        f"clip_qkv={getattr(cfg, 'clip_qkv', None)}": getattr(cfg, "clip_qkv", None) is not None,
+        "use_logn_attn": bool(getattr(cfg, "use_logn_attn", False)),
+        "use_attention_sinks": bool(getattr(cfg, "use_attention_sinks", False)),
+        f"attn_scores_soft_cap={getattr(cfg, 'attn_scores_soft_cap', -1.0)}": (
+            (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
+        ),
+        "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(
+            f"The attention closed form does not cover {', '.join(bad)}: collect the Jacobians "
+            "with exact probes (leave this section out of sections=)."
+        )
+
+
+@dataclass
+class AttentionSection:
+    """One attention layer of a TransformerLens model, as a closed-form section.
+
+    Weights use the TransformerLens layout, in float64. Build it with
+    :func:`attention_section`; ``build_bases`` runs :meth:`gram_pass` in place of the
+    backward passes of the section's input site.
+
+    Attributes:
+        w_q, w_k, w_v: ``(n_heads, d_in, d_head)``.
+        w_o: ``(n_heads, d_head, d_out)``.
+        scale: Attention scores are ``q . k / scale``.
+        residual: ``y = x + Attn(x)`` (``d_in == d_out``).
+        source, target: The section's input and output site names.
+        hooks: Names of the layer's ``q``, ``k``, ``v`` and pattern hooks.
+    """
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    w_o: torch.Tensor
+    scale: float
+    residual: bool
+    source: str
+    target: str
+    hooks: tuple[str, str, str, str]
+
+    @property
+    def d_in(self) -> int:
+        """Width of the input site."""
+        return self.w_q.shape[1]
+
+    def jacobian_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pattern: torch.Tensor,
+        readout: torch.Tensor,
+        inputs: torch.Tensor,
+        outputs: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Read-out Jacobians ``sqrt(w_p) R^T (dy_p/dx_j)^T`` of one batch, as Gram rows.
+
+        Args:
+            q, k, v: The layer's hooks, ``(b, pos, n_heads, d_head)``, float64.
+            pattern: Attention pattern, ``(b, n_heads, query pos, key pos)``, float64.
+            readout: ``R``, shape ``(d_out, r)``, float64.
+            inputs: Input positions ``j`` (the samples), shape ``(K,)``.
+            outputs: Probed output positions ``p``, distinct, shape ``(P,)``.
+            weights: How often each output position is probed, shape ``(P,)``.
+            out: Optional buffer of ``b * P * K * r * d_in`` elements to write into.
+
+        Returns:
+            ``(b, P, K, r, d_in)``: one row per (sample, output position, feature), whose
+            Gram is the sample's Jacobian Gram (each ``(p, feature)`` is one probe, as in
+            exact probes).
+        """
+        n, n_heads = q.shape[0], q.shape[2]
+        n_in, n_out, r, d_in = len(inputs), len(outputs), readout.shape[1], self.d_in
+        w_q, w_k, w_v, w_o = (t.to(q.device) for t in (self.w_q, self.w_k, self.w_v, self.w_o))
+        root = weights.sqrt()
+        wor = torch.einsum("hed,dr->her", w_o, readout)  # W_O^h R
+        a = pattern[:, :, outputs] * root[:, None]  # (b, h, P, all keys), weight folded in
+        z = torch.einsum("bhpl,blhe->bhpe", pattern[:, :, outputs], v)
+        size = n * n_out * n_in * r * d_in
+        rows = torch.empty(size, dtype=q.dtype, device=q.device) if out is None else out[:size]
+        # Values: sum_h A_hpj R^T W_O^hT W_V^hT, one (b P K, h) x (h, r d_in) product.
+        values = torch.einsum("hie,her->hri", w_v, wor).reshape(n_heads, -1)
+        coefficients = a[:, :, :, inputs].permute(0, 2, 3, 1).reshape(-1, n_heads)
+        torch.mm(coefficients, values, out=rows.view(-1, r * d_in))
+        rows = rows.view(n, n_out, n_in, r, d_in)
+        # g_hplr = sqrt(w_p) A_hpl (v_hl - z_hp) W_O^h R: how the score s_hpl moves y_p.
+        spread = v.permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b, h, P, l, e)
+        g = torch.einsum("bhple,her->bphlr", a[..., None] * spread, wor)
+        # Keys: ds_hpj/dx_j = W_K^h q_hp / scale, for every sample row (b, p).
+        keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
+        lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2).reshape(n * n_out, n_in * r, n_heads)
+        rows.view(n * n_out, n_in * r, d_in).baddbmm_(lhs, keys.reshape(n * n_out, n_heads, d_in))
+        # Queries and the residual, where the input is the output position (j = p):
+        # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l; the residual adds R^T.
+        queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
+        for p_index, position in enumerate(outputs.tolist()):
+            for k_index in (inputs == position).nonzero().flatten().tolist():
+                target = rows[:, p_index, k_index]  # (b, r, d_in)
+                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
+                target += torch.bmm(lhs, queries)
+                if self.residual:
+                    target += root[p_index] * readout.T
+        return rows
+
+    def gram_pass(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        site: Site,
+        target: Site,
+        readout: torch.Tensor | None = None,
+        *,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        progress: bool = True,
+    ) -> SecondMoment:
+        """One forward pass over ``data``: the Jacobian Gram of ``site`` read through ``target``.
+
+        Equal to the Gram ``dh.collect(model, [site], jacobians="exact", target=target,
+        readout=readout)`` accumulates, without a backward pass (runs under ``no_grad``).
+
+        Args:
+            model: The model the section was built from.
+            data: Batches (``forward(model, batch)``, default ``model(batch)``).
+            site: The section's input (its positions are the samples).
+            target: The section's output (its positions are summed inside).
+            readout: ``(d_out, r)``; identity when ``None``.
+            forward: ``forward(model, batch) -> output``.
+            progress: Show a tqdm progress bar.
+
+        Returns:
+            The Gram as a :class:`~degen_hooks.SecondMoment` over the site's samples.
+        """
+        from tqdm.auto import tqdm
+
+        if site.name != self.source or target.name != self.target:
+            raise ShapeMismatchError(
+                f"This attention section maps {self.source!r} -> {self.target!r}, but was asked "
+                f"for {site.name!r} -> {target.name!r}: build it for the right layer "
+                "(attention_section_sites(model, layer, residual=...) gives its sites)."
+            )
+        d_out = self.w_o.shape[2]
+        if readout is None:
+            readout = torch.eye(d_out, dtype=torch.float64)
+        if readout.ndim != 2 or readout.shape[0] != d_out:
+            raise ShapeMismatchError(
+                f"Readout of shape {tuple(readout.shape)} cannot read {self.target!r} of width "
+                f"{d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
+            )
+        gram = SecondMoment()
+        captured: dict[str, torch.Tensor] = {}
+        modules = site_modules(_unwrap(model)[0])
+        call = forward or (lambda model, batch: model(batch))
+        with ExitStack() as stack:
+            for name in self.hooks:
+
+                def keep(
+                    module: nn.Module, args: Any, output: torch.Tensor, name: str = name
+                ) -> None:
+                    captured[name] = output.detach()
+
+                stack.callback(modules[name].register_forward_hook(keep).remove)
+            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            for batch in tqdm(
+                data,
+                desc=f"jacobians {site.key} (closed form)",
+                total=total,
+                disable=not progress,
+                leave=False,
+            ):
+                captured.clear()
+                with torch.no_grad():
+                    call(model, batch)
+                self._update(gram, captured, readout, site, target)
+        return gram
+
+    def _update(
+        self,
+        gram: SecondMoment,
+        captured: dict[str, torch.Tensor],
+        readout: torch.Tensor,
+        site: Site,
+        target: Site,
+    ) -> None:
+        missing = [name for name in self.hooks if name not in captured]
+        if missing:
+            raise RuntimeError(
+                f"The forward pass never reached {missing}: the attention section needs the "
+                "layer's q, k, v and pattern hooks to fire on every batch."
+            )
+        f64 = torch.float64
+        n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
+        q, k, v = (
+            captured[name].to(f64).reshape(*captured[name].shape[:2], n_heads, d_head)
+            for name in self.hooks[:3]
+        )
+        pattern = captured[self.hooks[3]].to(f64)
+        readout = readout.to(q.device, f64)
+        n_pos = v.shape[1]
+        inputs = _positions(site, n_pos, q.device)
+        outputs, weights = _positions(target, n_pos, q.device).unique(return_counts=True)
+        weights = weights.to(f64)
+        per_sample = len(outputs) * len(inputs) * readout.shape[1] * self.d_in
+        step = max(1, _ELEMENTS // max(per_sample, n_heads * len(outputs) * n_pos * d_head))
+        buffer = torch.empty(min(step, v.shape[0]) * per_sample, dtype=f64, device=q.device)
+        for start in range(0, v.shape[0], step):
+            part = slice(start, start + step)
+            rows = self.jacobian_rows(
+                q[part], k[part], v[part], pattern[part], readout, inputs, outputs, weights, buffer
+            )
+            gram.update(rows.view(-1, self.d_in), count=rows.shape[0] * len(inputs))
+
+
+def _positions(site: Site, n_pos: int, device: torch.device) -> torch.Tensor:
+    """The positions ``site`` keeps, as an index tensor (the same for every sample)."""
+    steps = torch.arange(n_pos, dtype=torch.float64, device=device)[None, :, None]
+    return select_positions(steps, site.positions, None, site.key).flatten().long()
+
+
+def _scale(model: nn.Module, index: int, cfg: Any) -> float:
+    """The divisor of the attention scores (``attn.attn_scale``, else from the config)."""
+    scale = getattr(_unwrap(model)[0].blocks[index].attn, "attn_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if not getattr(cfg, "use_attn_scale", True):
+        return 1.0
+    scale = getattr(cfg, "attn_scale", None)
+    scale = math.sqrt(cfg.d_head) if scale is None or scale <= 0 else float(scale)
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        scale *= index + 1
+    return scale
+
+
+def attention_section(model: nn.Module, layer: int, *, residual: bool = True) -> AttentionSection:
+    """The closed-form :class:`AttentionSection` of one block's attention layer.
+
+    Pass it to ``build_bases(..., sections={input_site: (section, None)})`` to replace the
+    backward passes of the input site by one forward pass (see the module docstring for the
+    formula); :func:`attention_section_sites` gives the two sites.
+
+    Args:
+        model: A TransformerLens model (``HookedTransformer`` or ``TransformerBridge``).
+        layer: The block.
+        residual: ``True`` (default) for ``hook_resid_pre -> hook_resid_mid``.
+
+    Raises:
+        ValueError: As :func:`attention_section_sites`; for rotary embeddings, grouped-query
+            attention, QK norms, soft caps and other attention the formula does not cover.
+    """
+    source, target = attention_section_sites(model, layer, residual=residual)
+    (index,) = _layers(model, layer)
+    cfg = _cfg(model)
+    attn = _unwrap(model)[0].blocks[index].attn
+    weights = [getattr(attn, f"W_{n}").detach().to(torch.float64).clone() for n in "QKVO"]
+    block = f"blocks.{index}.attn"
+    hooks = tuple(f"{block}.{name}" for name in _HOOKS)
+    return AttentionSection(*weights, _scale(model, index, cfg), residual, source, target, hooks)  # type: ignore[arg-type]

@@ -1,0 +1,170 @@
+"""The closed-form Jacobian Gram of TransformerLens attention layers.
+
+Checked against two independent references: the exact-probe Grams of ``dh.collect`` (both
+model families, residual or not, every combination of input and output positions) and a
+brute-force ``torch.func.jacrev`` of the attention block over stacked samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import degen_hooks as dh
+from degen_hooks.transformer_lens import attention_section, attention_section_sites
+
+from .conftest import D_VOCAB, N_CTX, hook_state, toy_config, warmed_up
+
+RTOL = 1e-10
+POSITIONS = [(None, "last"), (None, None), ("last", "last"), (slice(1, 4), [0, 2]), (2, None)]
+
+
+def readout(d_out: int = 8, r: int = 3) -> torch.Tensor:
+    return torch.randn(d_out, r, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
+def exact_gram(model, tokens, site: dh.Site, target: dh.Site, read) -> dh.SecondMoment:
+    with dh.collect(model, [site], jacobians="exact", target=target, readout=read) as run:
+        model(tokens)
+        run.backward()
+    return run.stats[site.key].grads
+
+
+@pytest.mark.parametrize("positions", POSITIONS, ids=[f"{i}->{o}" for i, o in POSITIONS])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "attn"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_equals_exact_probes(plain_model, tokens, residual, layer, positions):
+    source, target = attention_section_sites(plain_model, layer, residual=residual)
+    site, out = dh.Site(source, positions=positions[0]), dh.Site(target, positions=positions[1])
+    section = attention_section(plain_model, layer, residual=residual)
+    for read in (None, readout()):
+        exact = exact_gram(plain_model, tokens, site, out, read)
+        closed = section.gram_pass(plain_model, tokens.split(4), site, out, read, progress=False)
+        assert closed.n_samples == exact.n_samples
+        torch.testing.assert_close(
+            closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+        )
+
+
+def test_equals_jacrev_over_stacked_samples(build, tokens):
+    """Brute force: the full Jacobian of resid_mid[-1] w.r.t. resid_pre, one sample at a time."""
+    model = build["hooked"]("relu", None)
+    block = model.blocks[0]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    read = readout()
+    reference = torch.zeros(8, 8, dtype=torch.float64)
+    for x in cache["blocks.0.hook_resid_pre"]:
+
+        def last(x: torch.Tensor) -> torch.Tensor:
+            y = x[None] + block.attn(x[None], x[None], x[None])
+            return y[0, -1] @ read  # (r,)
+
+        jac = torch.func.jacrev(last)(x)  # (r, pos, d)
+        for j in range(N_CTX):
+            reference += jac[:, j].T @ jac[:, j]
+    reference /= tokens.numel()
+    section = attention_section(model, 0)
+    site, out = (
+        dh.Site("blocks.0.hook_resid_pre"),
+        dh.Site("blocks.0.hook_resid_mid", positions="last"),
+    )
+    closed = section.gram_pass(model, [tokens], site, out, read, progress=False)
+    torch.testing.assert_close(closed.second_moment(), reference, rtol=RTOL, atol=1e-13)
+
+
+def test_attention_only_and_alibi_models():
+    """Attention-only blocks map to hook_resid_post; ALiBi biases the scores by constants."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    tokens = torch.randint(0, D_VOCAB, (5, N_CTX), generator=torch.Generator().manual_seed(5))
+    for extra in ({"attn_only": True}, {"positional_embedding_type": "alibi"}):
+        settings = {**toy_config(), "n_layers": 1, **extra}
+        cfg = HookedTransformerConfig(**settings, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = HookedTransformer(cfg).eval()
+        source, target = attention_section_sites(model, 0)
+        assert target.endswith("hook_resid_post" if "attn_only" in extra else "hook_resid_mid")
+        site, out = dh.Site(source), dh.Site(target, positions="last")
+        exact = exact_gram(model, tokens, site, out, None)
+        closed = attention_section(model, 0).gram_pass(model, [tokens], site, out, progress=False)
+        torch.testing.assert_close(
+            closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+        )
+
+
+def test_build_bases_with_attention_section(plain_model, tokens):
+    """The section replaces the backward passes of its site: the same basis, no probes."""
+    site = dh.Site("blocks.1.hook_resid_pre")
+    output = dh.Site("blocks.1.hook_resid_mid", positions="last")
+    data = list(tokens.split(3))
+    sections = {site.key: (attention_section(plain_model, 1), None)}
+    fast = dh.build_bases(
+        plain_model, [site], data, output=output, sections=sections, progress=False
+    )
+    slow = dh.build_bases(plain_model, [site], data, output=output, sections=None, progress=False)
+    assert list(fast.timings_) == ["activations", "jacobians blocks.1.hook_resid_pre (closed form)"]
+    torch.testing.assert_close(fast.lambdas_[site.key], slow.lambdas_[site.key], rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        fast.projector(site.key), slow.projector(site.key), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_model_untouched_and_hooks_removed(plain_model, tokens):
+    model = warmed_up(plain_model, tokens)
+    before = hook_state(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        expected = model(tokens)
+    section = attention_section(model, 0)
+    site, out = (dh.Site(name) for name in attention_section_sites(model, 0))
+    section.gram_pass(model, [tokens], site, out, progress=False)
+    assert hook_state(model) == before
+    with pytest.raises(ZeroDivisionError):  # a failing forward still removes the hooks
+
+        def failing(model, batch):
+            model(batch)
+            raise ZeroDivisionError
+
+        section.gram_pass(model, [tokens], site, out, forward=failing, progress=False)
+    assert hook_state(model) == before
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected)
+
+
+def test_errors(build, plain_model, tokens):
+    with pytest.raises(ValueError, match="Attention after a norm"):
+        attention_section(build["hooked"]("relu", "LN"), 0)
+    section = attention_section(plain_model, 0)
+    site, out = (dh.Site(name) for name in attention_section_sites(plain_model, 0))
+    with pytest.raises(dh.ShapeMismatchError, match="maps 'blocks.0.hook_resid_pre'"):
+        section.gram_pass(plain_model, [tokens], dh.Site("blocks.1.hook_resid_pre"), out)
+    with pytest.raises(dh.ShapeMismatchError, match=r"must be a \(d_out, r\) = \(8, r\)"):
+        section.gram_pass(plain_model, [tokens], site, out, torch.ones(5, 2))
+    with pytest.raises(RuntimeError, match="never reached"):
+        section.gram_pass(plain_model, [tokens], site, out, forward=lambda m, b: None)
+    with pytest.raises(dh.SiteNotFoundError, match="n_layers=2"):
+        attention_section(plain_model, 2)
+
+
+def test_unsupported_attention_is_refused():
+    from transformer_lens import HookedTransformerConfig
+
+    base = {**toy_config(), "n_layers": 1}
+    for extra, message in (
+        ({"positional_embedding_type": "rotary", "rotary_dim": 4}, "rotary"),
+        ({"n_key_value_heads": 1}, "grouped-query"),
+        ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap=30.0"),
+    ):
+        cfg = HookedTransformerConfig(**base, **extra)
+        model = torch.nn.Module()
+        model.cfg = cfg
+        with pytest.raises(ValueError, match=message):
+            attention_section_sites(model, 0)

@@ -14,10 +14,15 @@ derivative of the output at position ``p`` with respect to the input at ``j`` is
 (the softmax derivative ``dA_hpl = A_hpl (ds_hpl - sum_m A_hpm ds_hpm)`` folded in). Every
 term is built from the layer's own ``q``, ``k``, ``v`` and pattern, read from its hooks in
 one forward pass, so masks, biases, ALiBi and shortformer position embeddings (constant in
-``x``) need no special case. Read out through ``R`` and summed over the chosen output
-positions, the per-sample Jacobians stack into rows whose Gram is one matrix product: the
-same Gram batched exact probes produce, at a fraction of the cost (one forward pass instead
-of ``r`` backward ones).
+``x``) need no special case. Read out through ``R``, every (output position, feature) pair
+gives one row ``R^T (dy_p/dx_j)^T`` per input sample (as exact probes do), and the rows'
+Gram is one matrix product: the Gram batched exact probes produce, at a fraction of the
+cost (one forward pass instead of one backward pass per probe).
+
+A LayerNorm or RMSNorm before attention multiplies every attention term by its Jacobian
+``D_j = (P - n_j^T n_j / d) / sigma_j`` (``n_j`` the normalized input, ``P`` the centring
+projector for LayerNorm, the identity for RMSNorm), recomputed from ``hook_resid_pre``; the
+norm's gain is folded into ``W_Q``, ``W_K`` and ``W_V``, and the residual bypasses the norm.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import nn
 from .._errors import ShapeMismatchError
 from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
+from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
@@ -45,30 +51,21 @@ def attention_section_sites(
 ) -> tuple[str, str]:
     """The ``(input, output)`` sites matching :func:`attention_section`.
 
-    * ``residual=True`` (default): ``blocks.L.hook_resid_pre -> blocks.L.hook_resid_mid``
-      (``hook_resid_post`` in attention-only models), i.e. ``y = x + Attn(x)``.
-    * ``residual=False``: ``blocks.L.hook_resid_pre -> blocks.L.hook_attn_out``, the
-      attention layer alone.
+    The input is always ``blocks.L.hook_resid_pre`` (a LayerNorm/RMSNorm before attention is
+    part of the section); the output is
 
-    Only models without normalization before attention have a closed form: the norm's
-    Jacobian depends on each input's scale, and a HookedTransformer applies ``ln1`` to the
-    query, key and value inputs separately, so no single hook is the section's input.
+    * ``residual=True`` (default): ``blocks.L.hook_resid_mid`` (``hook_resid_post`` in
+      attention-only models), i.e. ``y = x + Attn(Norm(x))``;
+    * ``residual=False``: ``blocks.L.hook_attn_out``, the attention layer alone.
 
     Raises:
-        ValueError: For a norm before attention, ``residual=True`` in a parallel block, or
-            attention the closed form does not cover (see :func:`attention_section`).
+        ValueError: For ``residual=True`` in a parallel block, or attention the closed form
+            does not cover (see :func:`attention_section`).
     """
     (index,) = _layers(model, layer)
     cfg = _cfg(model)
     _check_attention(cfg)
     block = f"blocks.{index}"
-    if getattr(cfg, "normalization_type", None) in _NORMS:
-        raise ValueError(
-            f"Attention after a norm (normalization_type={cfg.normalization_type!r}) has no "
-            "closed form: the norm's Jacobian depends on the input's scale, and ln1 runs "
-            "separately for the query, key and value inputs. Use exact probes for "
-            f"'{block}.hook_resid_pre'."
-        )
     if not residual:
         return f"{block}.hook_resid_pre", f"{block}.hook_attn_out"
     if getattr(cfg, "parallel_attn_mlp", False):
@@ -117,12 +114,15 @@ class AttentionSection:
     backward passes of the section's input site.
 
     Attributes:
-        w_q, w_k, w_v: ``(n_heads, d_in, d_head)``.
+        w_q, w_k, w_v: ``(n_heads, d_in, d_head)`` (a norm's gain folded in).
         w_o: ``(n_heads, d_head, d_out)``.
         scale: Attention scores are ``q . k / scale``.
-        residual: ``y = x + Attn(x)`` (``d_in == d_out``).
+        residual: ``y = x + Attn(Norm(x))`` (``d_in == d_out``).
         source, target: The section's input and output site names.
         hooks: Names of the layer's ``q``, ``k``, ``v`` and pattern hooks.
+        norm: The norm before attention: ``None``, ``"LN"``, ``"LNPre"``, ``"RMS"`` or
+            ``"RMSPre"`` (its Jacobian is recomputed from the input captured at ``source``).
+        eps: The norm's epsilon.
     """
 
     w_q: torch.Tensor
@@ -133,12 +133,19 @@ class AttentionSection:
     residual: bool
     source: str
     target: str
-    hooks: tuple[str, str, str, str]
+    hooks: tuple[str, ...]
+    norm: str | None = None
+    eps: float = 1e-5
 
     @property
     def d_in(self) -> int:
         """Width of the input site."""
         return self.w_q.shape[1]
+
+    @property
+    def _captures(self) -> tuple[str, ...]:
+        """The hooks a forward pass must fire: q, k, v, pattern (and the input, with a norm)."""
+        return self.hooks if self.norm is None else (*self.hooks, self.source)
 
     def jacobian_rows(
         self,
@@ -151,6 +158,7 @@ class AttentionSection:
         outputs: torch.Tensor,
         weights: torch.Tensor,
         out: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Read-out Jacobians ``sqrt(w_p) R^T (dy_p/dx_j)^T`` of one batch, as Gram rows.
 
@@ -162,6 +170,7 @@ class AttentionSection:
             outputs: Probed output positions ``p``, distinct, shape ``(P,)``.
             weights: How often each output position is probed, shape ``(P,)``.
             out: Optional buffer of ``b * P * K * r * d_in`` elements to write into.
+            x: The section input ``(b, pos, d_in)``, float64; needed with a norm.
 
         Returns:
             ``(b, P, K, r, d_in)``: one row per (sample, output position, feature), whose
@@ -189,17 +198,43 @@ class AttentionSection:
         keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
         lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2).reshape(n * n_out, n_in * r, n_heads)
         rows.view(n * n_out, n_in * r, d_in).baddbmm_(lhs, keys.reshape(n * n_out, n_heads, d_in))
-        # Queries and the residual, where the input is the output position (j = p):
-        # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l; the residual adds R^T.
+        # Queries, where the input is the output position (j = p):
+        # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l.
         queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
-        for p_index, position in enumerate(outputs.tolist()):
-            for k_index in (inputs == position).nonzero().flatten().tolist():
-                target = rows[:, p_index, k_index]  # (b, r, d_in)
-                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
-                target += torch.bmm(lhs, queries)
-                if self.residual:
-                    target += root[p_index] * readout.T
+        diagonal = [
+            (p_index, k_index)
+            for p_index, position in enumerate(outputs.tolist())
+            for k_index in (inputs == position).nonzero().flatten().tolist()
+        ]
+        for p_index, k_index in diagonal:
+            lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
+            rows[:, p_index, k_index] += torch.bmm(lhs, queries)
+        if self.norm is not None:
+            if x is None:
+                raise ValueError(f"A section after a {self.norm} norm needs its input x.")
+            self._through_norm(rows, x[:, inputs])
+        if self.residual:  # the skip connection bypasses the norm: it adds R^T
+            for p_index, k_index in diagonal:
+                rows[:, p_index, k_index] += root[p_index] * readout.T
         return rows
+
+    def _through_norm(self, rows: torch.Tensor, x: torch.Tensor) -> None:
+        """``rows <- rows D`` in place, ``D = (P - n^T n / d) / sigma`` the norm's Jacobian.
+
+        ``n = c / sigma`` is the normalized input, ``c`` the input (centred for LayerNorm,
+        ``P`` then the centring projector, else ``P = I``), ``sigma = sqrt(mean(c^2) + eps)``;
+        ``D`` is symmetric, so it acts on the Gram rows from the right.
+        """
+        centred = self.norm in ("LN", "LNPre")
+        if centred:
+            x = x - x.mean(-1, keepdim=True)
+        sigma = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (b, K, 1)
+        normalized = (x / sigma)[:, None, :, None, :]  # (b, 1, K, 1, d_in)
+        if centred:
+            rows -= rows.mean(-1, keepdim=True)
+        dots = (rows * normalized).sum(-1, keepdim=True)
+        rows -= dots * normalized / self.d_in
+        rows /= sigma[:, None, :, :, None]
 
     def gram_pass(
         self,
@@ -250,7 +285,7 @@ class AttentionSection:
         modules = site_modules(_unwrap(model)[0])
         call = forward or (lambda model, batch: model(batch))
         with ExitStack() as stack:
-            for name in self.hooks:
+            for name in self._captures:
 
                 def keep(
                     module: nn.Module, args: Any, output: torch.Tensor, name: str = name
@@ -280,7 +315,7 @@ class AttentionSection:
         site: Site,
         target: Site,
     ) -> None:
-        missing = [name for name in self.hooks if name not in captured]
+        missing = [name for name in self._captures if name not in captured]
         if missing:
             raise RuntimeError(
                 f"The forward pass never reached {missing}: the attention section needs the "
@@ -293,6 +328,7 @@ class AttentionSection:
             for name in self.hooks[:3]
         )
         pattern = captured[self.hooks[3]].to(f64)
+        x = captured[self.source].to(f64) if self.norm is not None else None
         readout = readout.to(q.device, f64)
         n_pos = v.shape[1]
         inputs = _positions(site, n_pos, q.device)
@@ -304,8 +340,9 @@ class AttentionSection:
         for start in range(0, v.shape[0], step):
             part = slice(start, start + step)
             rows = self.jacobian_rows(
-                q[part], k[part], v[part], pattern[part], readout, inputs, outputs, weights, buffer
-            )
+                q[part], k[part], v[part], pattern[part], readout, inputs, outputs, weights,
+                buffer, None if x is None else x[part],
+            )  # fmt: skip
             gram.update(rows.view(-1, self.d_in), count=rows.shape[0] * len(inputs))
 
 
@@ -349,7 +386,21 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     (index,) = _layers(model, layer)
     cfg = _cfg(model)
     attn = _unwrap(model)[0].blocks[index].attn
-    weights = [getattr(attn, f"W_{n}").detach().to(torch.float64).clone() for n in "QKVO"]
-    block = f"blocks.{index}.attn"
-    hooks = tuple(f"{block}.{name}" for name in _HOOKS)
-    return AttentionSection(*weights, _scale(model, index, cfg), residual, source, target, hooks)  # type: ignore[arg-type]
+    w_q, w_k, w_v, w_o = (getattr(attn, f"W_{n}").detach().to(torch.float64) for n in "QKVO")
+    gain = _norm_weight(model, index, cfg, "ln1")
+    if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
+        w_q, w_k, w_v = (w * gain.to(w)[None, :, None] for w in (w_q, w_k, w_v))
+    norm = getattr(cfg, "normalization_type", None)
+    return AttentionSection(
+        w_q=w_q.clone(),
+        w_k=w_k.clone(),
+        w_v=w_v.clone(),
+        w_o=w_o.clone(),
+        scale=_scale(model, index, cfg),
+        residual=residual,
+        source=source,
+        target=target,
+        hooks=tuple(f"blocks.{index}.attn.{name}" for name in _HOOKS),
+        norm=norm if norm in _NORMS else None,
+        eps=float(getattr(cfg, "eps", 1e-5)),
+    )

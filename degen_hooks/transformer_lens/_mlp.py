@@ -125,14 +125,14 @@ def mlp_section_sites(
     return source, f"{block}.mlp.hook_pre", f"{block}.hook_mlp_out"
 
 
-def _norm_weight(model: nn.Module, index: int, cfg: Any) -> torch.Tensor | None:
-    """The elementwise gain ln2 applies after ``hook_normalized`` (``None`` if none)."""
+def _norm_weight(model: nn.Module, index: int, cfg: Any, norm: str = "ln2") -> torch.Tensor | None:
+    """The elementwise gain ``norm`` applies after ``hook_normalized`` (``None`` if none)."""
     if getattr(cfg, "normalization_type", None) not in _NORMS - _PARAM_FREE_NORMS:
         return None
-    ln2 = _unwrap(model)[0].blocks[index].ln2
-    weight = getattr(ln2, "w", None)  # HookedTransformer
+    module = getattr(_unwrap(model)[0].blocks[index], norm)
+    weight = getattr(module, "w", None)  # HookedTransformer
     if not isinstance(weight, torch.Tensor):
-        weight = getattr(ln2, "weight", None)  # TransformerBridge
+        weight = getattr(module, "weight", None)  # TransformerBridge
     if not isinstance(weight, torch.Tensor):
         return None
     weight = weight.detach()

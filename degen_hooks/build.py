@@ -30,7 +30,7 @@ from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
 from .distributed import all_reduce_
-from .sites import Site
+from .sites import Site, _is_transformer_lens, _unwrap
 from .statistics import Statistics
 
 __all__ = ["build_bases"]
@@ -88,7 +88,10 @@ def build_bases(
             :func:`degen_hooks.transformer_lens.attention_section` (pre-activation site
             ``None``), replaces the site's backward passes by one forward pass of its own.
             ``"auto"`` (default) finds ``Linear -> activation -> Linear`` sections of
-            ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`);
+            ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`)
+            and the attention, MLP and unembedding sections between residual-stream sites
+            of TransformerLens models
+            (:func:`degen_hooks.transformer_lens.find_sections`);
             ``None`` forces backward passes everywhere. Local variant only.
         rtol: Relative eigenvalue threshold (default ``10 * d * eps``).
         atol: Absolute eigenvalue threshold.
@@ -128,7 +131,7 @@ def build_bases(
     elif isinstance(sections, str):
         if sections != "auto":
             raise ValueError(f"sections must be a mapping, 'auto' or None, got {sections!r}.")
-        sections = find_mlp_sections(model, site_objs, out_site)
+        sections = _auto_sections(model, site_objs, out_site, output_positions)
     sections = dict(sections or {})
     unknown = sorted(set(sections) - set(keys))
     if unknown:
@@ -235,6 +238,17 @@ def build_bases(
         table = getattr(basis, attr)
         setattr(basis, attr, {key: table[key] for key in keys})
     return _finish(basis, stats, timings, None if not rotate_output else out_rotation.rotation)
+
+
+def _auto_sections(
+    model: nn.Module, site_objs: list[Site], out_site: Site | None, output_positions: Any
+) -> Mapping[str, tuple[Any, Site | None]]:
+    """``sections="auto"``: TransformerLens blocks, or ``nn.Sequential`` MLP sections."""
+    if _is_transformer_lens(_unwrap(model)[0]):
+        from .transformer_lens import find_sections  # lazy: only TransformerLens models
+
+        return find_sections(model, site_objs, out_site, output_positions)
+    return find_mlp_sections(model, site_objs, out_site)
 
 
 def _output_site(output: str | Site | None, positions: Any, rotate: bool) -> Site | None:

@@ -102,27 +102,17 @@ def build_modadd_bases(
 ) -> InteractionBasis:
     """The local interaction basis of the three node layers, fitted on ``tokens``.
 
-    Every section has a closed form: the attention section (residual entering block 0 ->
-    after attention) is read from one forward pass of the layer's q, k, v and pattern, the
-    MLP section (-> after the MLP) from the derivative moments, and the unembedding
-    (-> logits, linear) needs no data.
+    Every section has a closed form (found by ``sections="auto"``, see
+    :func:`degen_hooks.transformer_lens.find_sections`): the attention section (residual
+    entering block 0 -> after attention) is read from one forward pass of the layer's q, k,
+    v and pattern, the MLP section (-> after the MLP) from the derivative moments, and the
+    unembedding (-> logits, linear) needs no data. No backward pass runs.
     """
-    from .closed_form import MLPSection
-    from .transformer_lens import attention_section, mlp_section
-
-    w_unembed = model.unembed.W_U.detach().T  # (d_vocab, d_model), nn.Linear layout
-    unembed = MLPSection(w_unembed, torch.eye(w_unembed.shape[0]), "identity")
-    sections = {
-        RESID_PRE: (attention_section(model, 0), None),
-        RESID_MID: (mlp_section(model, 0, residual=True), Site(MLP_PRE)),
-        RESID_POST: (unembed, None),
-    }
     return build_bases(
         model,
         modadd_sites(),
         tokens.split(batch_size),
         output_positions="last",
-        sections=sections,
         progress=progress,
     )
 

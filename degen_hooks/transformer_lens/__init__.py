@@ -31,12 +31,14 @@ from ._attention import AttentionSection, attention_section, attention_section_s
 from ._mlp import mlp_section, mlp_section_sites, mlp_sites
 from ._names import is_bridge, is_transformer_lens, resolve_alias, site_modules
 from ._processing import ProcessedWeightsWarning, processing_flags, record_metadata
+from ._sections import find_sections
 
 __all__ = [
     "AttentionSection",
     "ProcessedWeightsWarning",
     "attention_section",
     "attention_section_sites",
+    "find_sections",
     "is_bridge",
     "is_transformer_lens",
     "mlp_section",

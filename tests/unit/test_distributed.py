@@ -46,6 +46,34 @@ def make_weighted():
     ws = [torch.rand(9, generator=gen, dtype=torch.float64) for _ in range(4)]
     return xs, ws
 
+def make_transformer():  # one TransformerLens layer, no norms: all sections closed-form
+    import warnings
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+                                  n_ctx=4, d_vocab=11, act_fn="relu", normalization_type=None,
+                                  dtype=torch.float64, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(cfg).eval()
+
+def make_tokens():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 11, (3 + i, 4), generator=gen) for i in range(4)]
+
+TRANSFORMER_SITES = [dh.Site("blocks.0.hook_resid_pre"),
+                     dh.Site("blocks.0.hook_resid_mid", positions="last"),
+                     dh.Site("blocks.0.hook_resid_post", positions="last")]
+
+def build_case(variant, rank=0, world=1, **kwargs):  # one build, on this rank's shard
+    if variant == "transformer":
+        return dh.build_bases(make_transformer(), TRANSFORMER_SITES,
+                              make_tokens()[rank::world], output_positions="last",
+                              progress=False, **kwargs)
+    sections = "auto" if variant == "closed" else None
+    return dh.build_bases(make_model(), ["0", "1"], make_batches()[rank::world],
+                          sections=sections, progress=False, **kwargs)
+
 def collect(model, batches):
     sites = ["0", "module.1", dh.Site("2")] if hasattr(model, "module") else ["0", "1", "2"]
     with dh.collect(model, sites, jacobians="exact", firing=True,
@@ -110,9 +138,8 @@ if mode == "union":
     attempt("width", lambda: all_reduce_(wide, timeout=20))
 elif mode == "build":
     state = {}
-    for variant, sections in (("closed", "auto"), ("probes", None)):
-        basis = dh.build_bases(make_model(), ["0", "1"], make_batches()[rank::world],
-                               sections=sections, distributed=True, progress=False)
+    for variant in ("closed", "probes", "transformer"):
+        basis = build_case(variant, rank, world, distributed=True)
         for key in basis.sites_:
             state[f"{variant}/{key}/lambdas"] = basis.lambdas_[key]
             state[f"{variant}/{key}/projector"] = basis.projector(key)
@@ -297,14 +324,10 @@ def test_distributed_build_equals_one_process_over_the_union(tmp_path: Path) -> 
     for rank in range(2):
         assert _report(tmp_path, rank, logs)["build"]["ok"]
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
-    for variant, sections in (("closed", "auto"), ("probes", None)):
-        whole = dh.build_bases(
-            namespace["make_model"](),
-            ["0", "1"],
-            namespace["make_batches"](),
-            sections=sections,
-            progress=False,
-        )
+    for variant in ("closed", "probes", "transformer"):
+        whole = namespace["build_case"](variant)
+        if variant == "transformer":  # attention, MLP and unembedding: no backward pass
+            assert all(k.endswith("(closed form)") for k in whole.timings_ if "jacobians" in k)
         for key in whole.sites_:
             want = {"lambdas": whole.lambdas_[key], "projector": whole.projector(key)}
             for state in ranks:  # every rank holds the union's bases

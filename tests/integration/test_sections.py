@@ -1,0 +1,78 @@
+"""``build_bases(sections="auto")`` on TransformerLens models: every closed form it picks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import degen_hooks as dh
+from degen_hooks.transformer_lens import find_sections
+
+
+def residual_sites(positions=None) -> list[dh.Site]:
+    return [
+        dh.Site(f"blocks.{layer}.{hook}", positions=positions)
+        for layer in (0, 1)
+        for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+    ]
+
+
+def kinds(found) -> dict[str, str]:
+    return {key: type(section).__name__ for key, (section, _) in found.items()}
+
+
+def test_finds_every_section_of_a_model_without_norms(build, family):
+    model = build[family]("relu", None)
+    found = find_sections(model, residual_sites())
+    assert kinds(found) == {
+        "blocks.0.hook_resid_pre": "AttentionSection",
+        "blocks.0.hook_resid_mid": "MLPSection",
+        # blocks.0.hook_resid_post -> blocks.1.hook_resid_pre is the identity: no section
+        "blocks.1.hook_resid_pre": "AttentionSection",
+        "blocks.1.hook_resid_mid": "MLPSection",
+        "blocks.1.hook_resid_post": "MLPSection",  # the unembedding, linear
+    }
+    assert found["blocks.1.hook_resid_mid"][1].name == "blocks.1.mlp.hook_pre"
+    assert found["blocks.1.hook_resid_post"][0].is_linear
+
+
+def test_leaves_out_what_has_no_closed_form(build):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dh.transformer_lens.ProcessedWeightsWarning)
+        normed = build["hooked"]("relu", "LN")
+    found = find_sections(normed, residual_sites())
+    # Attention after ln1 has a closed form; the MLP after ln2 and the unembedding after
+    # ln_final do not.
+    assert kinds(found) == {
+        "blocks.0.hook_resid_pre": "AttentionSection",
+        "blocks.1.hook_resid_pre": "AttentionSection",
+    }
+    plain = build["hooked"]("relu", None)
+    last = [dh.Site("blocks.0.hook_resid_mid"), dh.Site("blocks.0.hook_resid_post", positions=-1)]
+    assert find_sections(plain, last) == {}  # the MLP acts per position: positions must agree
+    output_last = find_sections(plain, [dh.Site("blocks.1.hook_resid_post")], None, "last")
+    assert output_last == {}
+    skipping = [dh.Site("blocks.0.hook_resid_pre"), dh.Site("blocks.1.hook_resid_mid")]
+    assert find_sections(plain, skipping) == {}
+
+
+@pytest.mark.parametrize("positions", [None, "last"])
+def test_auto_build_equals_backward_passes(plain_model, tokens, positions):
+    sites = residual_sites(positions)
+    if positions == "last":
+        sites[0] = dh.Site("blocks.0.hook_resid_pre")  # attention reads every position
+    data = list(tokens.split(3))
+    common = {"output_positions": positions, "progress": False}
+    auto = dh.build_bases(plain_model, sites, data, **common)
+    probed = dh.build_bases(plain_model, sites, data, sections=None, **common)
+    closed = [label for label in auto.timings_ if label.endswith("(closed form)")]
+    assert len(closed) == 5 and not any("closed" in label for label in probed.timings_)
+    for key in auto.sites_:
+        assert auto.widths_[key] == probed.widths_[key]
+        scale = probed.lambdas_[key].max()
+        torch.testing.assert_close(
+            auto.lambdas_[key], probed.lambdas_[key], rtol=0, atol=1e-9 * scale
+        )
+        torch.testing.assert_close(auto.projector(key), probed.projector(key), rtol=0, atol=1e-7)

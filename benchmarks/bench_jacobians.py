@@ -1,6 +1,6 @@
 """Speed and memory of Jacobian Grams: exact probes, a per-coordinate loop, the closed form.
 
-One thread (``OMP_NUM_THREADS=1``), float64. Three comparisons, each measured in this run:
+One thread (``OMP_NUM_THREADS=1``), float64. Four comparisons, each measured in this run:
 
 * **Exact probes vs a per-coordinate loop.** ``dh.collect(jacobians="exact")`` pushes ``chunk``
   one-hot probes per backward with ``torch.vmap`` over ``torch.autograd.grad``. The baseline
@@ -15,6 +15,14 @@ One thread (``OMP_NUM_THREADS=1``), float64. Three comparisons, each measured in
   layer's input w.r.t. the output). Closed form: one forward pass collecting ReLU derivative
   moments, then ``MLPSection.jacobian_gram`` (lib_math §12). Target: >= 50x faster, same result
   to 1e-10 (relative, max-abs).
+* **Closed-form attention vs exact probes** on a GPT-2-small-shaped layer (TransformerLens,
+  LayerNorm, 12 heads of 64, ``d_model=768``, float64; 16 sequences of 32 tokens): the Gram of
+  ``blocks.0.hook_resid_pre`` (every position a sample) read through 64 orthonormal features
+  of ``blocks.0.hook_resid_mid`` at the last position.
+  :func:`degen_hooks.transformer_lens.attention_section` reads the layer's q, k, v, pattern
+  and the LayerNorm input in one forward pass; exact probes run one backward per feature.
+  Both end in the same ``(rows, 768)`` Gram product, which bounds the speedup. Target: the
+  same Gram to 1e-10 (relative, max-abs); the speedup is reported.
 * **Peak memory** (increase of the peak RSS, ``VmHWM``, over the collection; each
   configuration in a fresh subprocess after a warm-up) of exact probes for several chunks,
   output sizes and numbers of samples, against the per-coordinate loop's dense buffer.
@@ -34,6 +42,7 @@ import os
 
 # Set before torch is imported (when run as a script); main() also pins torch's own pool.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -41,6 +50,7 @@ import math  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -313,7 +323,85 @@ def bench_closed_form(quick: bool, repeats: int) -> list[dict[str, Any]]:
     ]
 
 
-# -- 3. peak memory -----------------------------------------------------------------------------
+# -- 3. closed-form attention vs exact probes ------------------------------------------------
+def gpt2_shaped_layer(n_ctx: int = 32) -> nn.Module:
+    """One random GPT-2-small-shaped block (LayerNorm, 12 heads of 64, d 768), float64."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        n_ctx=n_ctx,
+        d_vocab=1000,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        dtype=F64,
+        seed=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HookedTransformer(cfg).eval()
+
+
+def bench_attention_closed_form(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    """Closed-form attention section vs exact probes on a GPT-2-small-shaped layer."""
+    from degen_hooks.transformer_lens import attention_section, attention_section_sites
+
+    model = gpt2_shaped_layer()
+    n_sequences, r = (4, 64) if quick else (16, 64)
+    tokens = torch.randint(0, 1000, (n_sequences, 32), generator=torch.Generator().manual_seed(0))
+    batches = list(tokens.split(4))
+    gen = torch.Generator().manual_seed(1)
+    readout = torch.linalg.qr(torch.randn(768, r, generator=gen, dtype=F64))[0]
+    source, target = attention_section_sites(model, 0)
+    site, out = dh.Site(source), dh.Site(target, positions="last")
+    section = attention_section(model, 0)
+
+    def closed(data: list[torch.Tensor]) -> torch.Tensor:
+        return section.gram_pass(model, data, site, out, readout, progress=False).second_moment()
+
+    def exact(data: list[torch.Tensor]) -> torch.Tensor:
+        with dh.collect(model, [site], jacobians="exact", target=out, readout=readout) as run:
+            for batch in data:
+                model(batch)
+                run.backward()
+        return run.stats[site.key].grads.second_moment()
+
+    closed(batches[:1])  # warm-up
+    exact(batches[:1])
+    times = best_times(
+        {"closed": lambda: closed(batches), "exact": lambda: exact(batches)}, repeats
+    )
+    want, got = exact(batches), closed(batches)
+    diff = float((got - want).abs().max() / want.abs().max())
+    speedup = times["exact"] / times["closed"]
+    n = tokens.numel()
+    gram_gflop = 2 * 768**2 * n * r / 1e9
+    return [
+        {
+            "benchmark": "closed form vs exact probes: attention section, GPT-2-small-shaped layer",
+            "ours_s": times["closed"],
+            "baseline": "exact probes (chunk auto)",
+            "baseline_s": times["exact"],
+            "ratio": times["closed"] / times["exact"],
+            "speedup": speedup,
+            "target": "max rel diff <= 1e-10",
+            "met": diff <= 1e-10,
+            "max_rel_diff": diff,
+            "n_samples": n,
+            "note": (
+                f"LayerNorm, 12 heads of 64, d 768; {n} tokens, {r} features at the last "
+                f"position, float64; max rel diff {diff:.1e}; both end in the same "
+                f"{gram_gflop:.0f}-GFLOP Gram product"
+            ),
+        }
+    ]
+
+
+# -- 4. peak memory -----------------------------------------------------------------------------
 MEMORY_SITE = "blocks.0.resid_post"
 
 
@@ -465,7 +553,7 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
 
 # -- entry points -------------------------------------------------------------------------------
 def main(quick: bool = False, repeats: int | None = None) -> list[dict[str, Any]]:
-    """Run the three benchmarks; returns one row per measurement.
+    """Run the four benchmarks; returns one row per measurement.
 
     Args:
         quick: Smaller problems and one repeat (a smoke run, not for the numbers).
@@ -480,6 +568,7 @@ def main(quick: bool = False, repeats: int | None = None) -> list[dict[str, Any]
     repeats = repeats or (1 if quick else 3)
     rows = bench_exact_vs_loop(quick, repeats)
     rows += bench_closed_form(quick, repeats)
+    rows += bench_attention_closed_form(quick, repeats)
     rows += bench_memory(quick)
     return rows
 

@@ -324,33 +324,14 @@ def bench_closed_form(quick: bool, repeats: int) -> list[dict[str, Any]]:
 
 
 # -- 3. closed-form attention vs exact probes ------------------------------------------------
-def gpt2_shaped_layer(n_ctx: int = 32) -> nn.Module:
-    """One random GPT-2-small-shaped block (LayerNorm, 12 heads of 64, d 768), float64."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        n_ctx=n_ctx,
-        d_vocab=1000,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        dtype=F64,
-        seed=0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return HookedTransformer(cfg).eval()
-
-
 def bench_attention_closed_form(quick: bool, repeats: int) -> list[dict[str, Any]]:
     """Closed-form attention section vs exact probes on a GPT-2-small-shaped layer."""
+    from benchmarks.bench_transformer import gpt2_small_shaped
     from degen_hooks.transformer_lens import attention_section, attention_section_sites
 
-    model = gpt2_shaped_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = gpt2_small_shaped(n_ctx=32, n_layers=1, dtype=F64)
     n_sequences, r = (4, 64) if quick else (16, 64)
     tokens = torch.randint(0, 1000, (n_sequences, 32), generator=torch.Generator().manual_seed(0))
     batches = list(tokens.split(4))

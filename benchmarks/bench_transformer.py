@@ -42,12 +42,18 @@ N_LAYERS = 12
 SITES = [f"blocks.{layer}.mlp.hook_post" for layer in range(N_LAYERS)]
 
 
-def gpt2_small_shaped(n_ctx: int = 128, d_vocab: int = 1000) -> nn.Module:
-    """A random ``HookedTransformer`` shaped like GPT-2 small (float32, eval, offline)."""
+def gpt2_small_shaped(
+    n_ctx: int = 128,
+    d_vocab: int = 1000,
+    *,
+    n_layers: int = N_LAYERS,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A random ``HookedTransformer`` shaped like GPT-2 small (eval, offline)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=N_LAYERS,
+        n_layers=n_layers,
         d_model=768,
         n_heads=12,
         d_head=64,
@@ -56,7 +62,7 @@ def gpt2_small_shaped(n_ctx: int = 128, d_vocab: int = 1000) -> nn.Module:
         d_vocab=d_vocab,
         act_fn="gelu_new",
         normalization_type="LN",
-        dtype=torch.float32,
+        dtype=dtype,
         seed=0,
     )
     with warnings.catch_warnings():

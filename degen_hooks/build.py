@@ -138,6 +138,12 @@ def build_bases(
         raise ShapeMismatchError(
             f"sections= names {unknown}, which are not among the sites {keys}."
         )
+    odd = {k: type(v[0]).__name__ for k, v in sections.items() if not _is_section(v[0])}
+    if odd:
+        raise TypeError(
+            f"sections= values must be (section, pre_activation_site) pairs whose section is an "
+            f"MLPSection or has a gram_pass method (an AttentionSection), got {odd}."
+        )
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
 
@@ -238,6 +244,10 @@ def build_bases(
         table = getattr(basis, attr)
         setattr(basis, attr, {key: table[key] for key in keys})
     return _finish(basis, stats, timings, None if not rotate_output else out_rotation.rotation)
+
+
+def _is_section(section: Any) -> bool:
+    return isinstance(section, MLPSection) or callable(getattr(section, "gram_pass", None))
 
 
 def _auto_sections(

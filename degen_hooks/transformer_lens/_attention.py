@@ -43,6 +43,8 @@ from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
+# TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
+_QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 _ELEMENTS = 2**21  # elements of the per-chunk Gram rows (and of the score tensors)
 
 
@@ -88,7 +90,8 @@ def _check_attention(cfg: Any) -> None:
         "use_split_qkv_input / use_attn_in (per-head attention inputs)": bool(
             getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
         ),
-        "use_qk_norm (a norm inside attention)": bool(getattr(cfg, "use_qk_norm", False)),
+        "use_qk_norm (a norm inside attention)": bool(getattr(cfg, "use_qk_norm", False))
+        or getattr(cfg, "original_architecture", None) in _QK_NORM_ARCHITECTURES,
         f"clip_qkv={getattr(cfg, 'clip_qkv', None)}": getattr(cfg, "clip_qkv", None) is not None,
         "use_logn_attn": bool(getattr(cfg, "use_logn_attn", False)),
         "use_attention_sinks": bool(getattr(cfg, "use_attention_sinks", False)),
@@ -186,11 +189,16 @@ class AttentionSection:
         z = torch.einsum("bhpl,blhe->bhpe", pattern[:, :, outputs], v)
         size = n * n_out * n_in * r * d_in
         rows = torch.empty(size, dtype=q.dtype, device=q.device) if out is None else out[:size]
+        diagonal = [  # (output index, input index) pairs where the input is the output
+            (p_index, k_index)
+            for p_index, position in enumerate(outputs.tolist())
+            for k_index in (inputs == position).nonzero().flatten().tolist()
+        ]
         # Values: sum_h A_hpj R^T W_O^hT W_V^hT, one (b P K, h) x (h, r d_in) product.
         values = torch.einsum("hie,her->hri", w_v, wor).reshape(n_heads, -1)
         coefficients = a[:, :, :, inputs].permute(0, 2, 3, 1).reshape(-1, n_heads)
-        torch.mm(coefficients, values, out=rows.view(-1, r * d_in))
         rows = rows.view(n, n_out, n_in, r, d_in)
+        torch.mm(coefficients, values, out=rows.view(-1, r * d_in))
         # g_hplr = sqrt(w_p) A_hpl (v_hl - z_hp) W_O^h R: how the score s_hpl moves y_p.
         spread = v.permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b, h, P, l, e)
         g = torch.einsum("bhple,her->bphlr", a[..., None] * spread, wor)
@@ -201,14 +209,9 @@ class AttentionSection:
         # Queries, where the input is the output position (j = p):
         # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l.
         queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
-        diagonal = [
-            (p_index, k_index)
-            for p_index, position in enumerate(outputs.tolist())
-            for k_index in (inputs == position).nonzero().flatten().tolist()
-        ]
         for p_index, k_index in diagonal:
             lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
-            rows[:, p_index, k_index] += torch.bmm(lhs, queries)
+            rows[:, p_index, k_index].baddbmm_(lhs, queries)
         if self.norm is not None:
             if x is None:
                 raise ValueError(f"A section after a {self.norm} norm needs its input x.")
@@ -256,7 +259,8 @@ class AttentionSection:
             model: The model the section was built from.
             data: Batches (``forward(model, batch)``, default ``model(batch)``).
             site: The section's input (its positions are the samples).
-            target: The section's output (its positions are summed inside).
+            target: The section's output (each of its positions and read-out features is
+                one probe, as in exact probes).
             readout: ``(d_out, r)``; identity when ``None``.
             forward: ``forward(model, batch) -> output``.
             progress: Show a tqdm progress bar.
@@ -266,7 +270,8 @@ class AttentionSection:
         """
         from tqdm.auto import tqdm
 
-        if site.name != self.source or target.name != self.target:
+        prefix = _unwrap(model)[1]
+        if (unprefixed(site, prefix), unprefixed(target, prefix)) != (self.source, self.target):
             raise ShapeMismatchError(
                 f"This attention section maps {self.source!r} -> {self.target!r}, but was asked "
                 f"for {site.name!r} -> {target.name!r}: build it for the right layer "
@@ -282,6 +287,7 @@ class AttentionSection:
             )
         gram = SecondMoment()
         captured: dict[str, torch.Tensor] = {}
+        scratch: dict[str, torch.Tensor] = {}  # the rows buffer, reused across batches
         modules = site_modules(_unwrap(model)[0])
         call = forward or (lambda model, batch: model(batch))
         with ExitStack() as stack:
@@ -304,7 +310,7 @@ class AttentionSection:
                 captured.clear()
                 with torch.no_grad():
                     call(model, batch)
-                self._update(gram, captured, readout, site, target)
+                self._update(gram, captured, readout, site, target, scratch)
         return gram
 
     def _update(
@@ -314,6 +320,7 @@ class AttentionSection:
         readout: torch.Tensor,
         site: Site,
         target: Site,
+        scratch: dict[str, torch.Tensor],
     ) -> None:
         missing = [name for name in self._captures if name not in captured]
         if missing:
@@ -336,7 +343,10 @@ class AttentionSection:
         weights = weights.to(f64)
         per_sample = len(outputs) * len(inputs) * readout.shape[1] * self.d_in
         step = max(1, _ELEMENTS // max(per_sample, n_heads * len(outputs) * n_pos * d_head))
-        buffer = torch.empty(min(step, v.shape[0]) * per_sample, dtype=f64, device=q.device)
+        size = min(step, v.shape[0]) * per_sample
+        buffer = scratch.get("rows")
+        if buffer is None or buffer.numel() < size or buffer.device != q.device:
+            buffer = scratch["rows"] = torch.empty(size, dtype=f64, device=q.device)
         for start in range(0, v.shape[0], step):
             part = slice(start, start + step)
             rows = self.jacobian_rows(
@@ -344,6 +354,11 @@ class AttentionSection:
                 buffer, None if x is None else x[part],
             )  # fmt: skip
             gram.update(rows.view(-1, self.d_in), count=rows.shape[0] * len(inputs))
+
+
+def unprefixed(site: Site, prefix: str) -> str:
+    """The site's name without DDP's ``module.`` prefix (both name the same site)."""
+    return site.name[len(prefix) :] if prefix and site.name.startswith(prefix) else site.name
 
 
 def _positions(site: Site, n_pos: int, device: torch.device) -> torch.Tensor:

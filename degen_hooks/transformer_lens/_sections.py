@@ -14,7 +14,7 @@ from torch import nn
 
 from ..closed_form import MLPSection
 from ..sites import Site, _unwrap
-from ._attention import attention_section, attention_section_sites
+from ._attention import attention_section, attention_section_sites, unprefixed
 from ._mlp import mlp_section, mlp_section_sites
 from ._names import _NORMS, _cfg
 
@@ -60,10 +60,6 @@ def find_sections(
     return found
 
 
-def _name(site: Site, prefix: str) -> str:
-    return site.name[len(prefix) :] if prefix and site.name.startswith(prefix) else site.name
-
-
 def _same_positions(a: Any, b: Any) -> bool:
     return (
         Site("a", positions=a).to_info()["positions"]
@@ -81,7 +77,7 @@ def _section_between(
 ) -> tuple[Any, Site | None] | None:
     if site.io != "output" or (target is not None and target.io != "output"):
         return None
-    match = _BLOCK.match(_name(site, prefix))
+    match = _BLOCK.match(unprefixed(site, prefix))
     if match is None:
         return None
     layer, role = int(match.group(1)), match.group(2)
@@ -94,15 +90,15 @@ def _section_between(
         w_unembed = _unwrap(model)[0].unembed.W_U.detach().to(torch.float64).T  # (vocab, d)
         eye = torch.eye(w_unembed.shape[0], dtype=torch.float64)
         return MLPSection(w_unembed, eye, "identity"), None
-    target_name = _name(target, prefix)
+    target_name = unprefixed(target, prefix)
     try:
         if role == "hook_resid_pre":
-            if (_name(site, prefix), target_name) != attention_section_sites(model, layer):
+            if (unprefixed(site, prefix), target_name) != attention_section_sites(model, layer):
                 return None
             return attention_section(model, layer), None
         if role == "hook_resid_mid":
             source, pre, out = mlp_section_sites(model, layer, residual=True)
-            if (_name(site, prefix), target_name) != (source, out):
+            if (unprefixed(site, prefix), target_name) != (source, out):
                 return None
             if not _same_positions(site.positions, target.positions):
                 return None

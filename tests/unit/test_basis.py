@@ -292,6 +292,10 @@ def test_errors_teach():
         dh.InteractionBasis(variant="ica").fit(run.stats)
     with pytest.raises(ValueError, match="variant must be one of"):
         dh.build_bases(model, ["1"], [x], variant="ica")
+    with pytest.raises(dh.ShapeMismatchError, match=r"names \['2'\], which are not among"):
+        dh.build_bases(model, ["1"], [x], sections={"2": (None, None)})
+    with pytest.raises(TypeError, match=r"MLPSection or has a gram_pass.*\{'1': 'str'\}"):
+        dh.build_bases(model, ["1"], [x], sections={"1": ("relu", None)})
 
 
 @pytest.mark.parametrize("factory", [relu_mlp, gelu_mlp], ids=["relu", "gelu"])

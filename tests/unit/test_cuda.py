@@ -35,3 +35,25 @@ def test_collect_and_build_on_the_gpu_equal_the_cpu():
         torch.testing.assert_close(
             gpu.lambdas_[key].cpu(), cpu.lambdas_[key], rtol=1e-9, atol=1e-12
         )
+
+
+def test_transformer_closed_forms_on_the_gpu_equal_the_cpu():
+    """sections="auto" on a TransformerLens model: attention, MLP and unembedding on the GPU."""
+    from tests.integration.conftest import build_hooked
+
+    sites = [
+        dh.Site("blocks.1.hook_resid_pre"),
+        dh.Site("blocks.1.hook_resid_mid", positions="last"),
+        dh.Site("blocks.1.hook_resid_post", positions="last"),
+    ]
+    tokens = torch.randint(0, 11, (12, 5), generator=torch.Generator().manual_seed(3))
+    common = {"output_positions": "last", "progress": False}
+    cpu = dh.build_bases(build_hooked(), sites, tokens.split(4), **common)
+    gpu_model = build_hooked().to("cuda")
+    gpu = dh.build_bases(gpu_model, sites, tokens.cuda().split(4), **common)
+    assert all(k.endswith("(closed form)") for k in gpu.timings_ if k.startswith("jacobians"))
+    for site in sites:
+        assert gpu.stats_[site.key].grads.second_moment().device.type == "cuda"
+        torch.testing.assert_close(
+            gpu.lambdas_[site.key].cpu(), cpu.lambdas_[site.key], rtol=1e-9, atol=1e-12
+        )

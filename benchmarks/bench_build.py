@@ -59,6 +59,7 @@ from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
 from degen_hooks.basis import interaction_rotation  # noqa: E402
+from degen_hooks.sites import _site_modules  # noqa: E402
 
 F64 = torch.float64
 BATCH_SIZE = 1024
@@ -74,7 +75,7 @@ LAMBDA_RTOL = 1e-8
 # -- the reference pipeline ------------------------------------------------------------------
 def _capture(model: nn.Module, names: Sequence[str], detach: bool) -> tuple[dict, list]:
     """Forward hooks that store the outputs of ``names`` in a dict (lists when detached)."""
-    modules = dict(model.named_modules())
+    modules = _site_modules(model)  # a TransformerLens bridge: its hook aliases too
     store: dict[str, Any] = {}
 
     def hook(name: str):

@@ -60,6 +60,7 @@ from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
 from benchmarks._timing import best_times
+from degen_hooks.sites import _site_modules  # noqa: E402
 
 F64 = torch.float64
 
@@ -163,7 +164,7 @@ def loop_grams(
     output coordinate's per-sample gradient); the Gram is ``rows^T rows`` over its rows, with
     input positions as samples. ``last_only`` keeps the outputs at the last position.
     """
-    modules = dict(model.named_modules())
+    modules = _site_modules(model)  # a TransformerLens bridge: its hook aliases too
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(sites, 0)
     for x in batches:

@@ -49,10 +49,14 @@ def gpt2_small_shaped(
     n_layers: int = N_LAYERS,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """A random ``HookedTransformer`` shaped like GPT-2 small (eval, offline)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """A random TransformerLens model shaped like GPT-2 small (eval, offline).
 
-    cfg = HookedTransformerConfig(
+    A ``HookedTransformer`` where TransformerLens has it, else a native ``TransformerBridge``.
+    """
+    from tests.cases import tl_model
+
+    return tl_model(
+        dtype,
         n_layers=n_layers,
         d_model=768,
         n_heads=12,
@@ -62,12 +66,8 @@ def gpt2_small_shaped(
         d_vocab=d_vocab,
         act_fn="gelu_new",
         normalization_type="LN",
-        dtype=dtype,
         seed=0,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer is deprecated
-        return HookedTransformer(cfg).eval()
 
 
 def run_ours(model: nn.Module, batches: list[torch.Tensor]) -> dh.Statistics:

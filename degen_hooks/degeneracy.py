@@ -33,6 +33,7 @@ from torch import nn
 
 from ._errors import EmptyStatisticsError
 from .gauss_newton import _EPS, BehaviouralNull, _behavioural, behavioural_null_dimension
+from .sites import _site_modules, _unwrap
 from .statistics import Statistics
 from .synchronized import SynchronizedNeurons
 
@@ -385,7 +386,7 @@ def _rank(matrix: torch.Tensor, rtol: float | None) -> tuple[int, float]:
 def _infer_next_width(model: nn.Module, info: Mapping[str, Any], d_site: int) -> int | None:
     """Output width of the linear map reading the site, when the model makes it obvious."""
     name, io = info.get("name"), info.get("io", "output")
-    modules = dict(model.named_modules())
+    modules = _site_modules(_unwrap(model)[0])  # a TransformerLens bridge: its aliases too
     if not name or name not in modules:
         return None
     module = modules[name]

@@ -24,7 +24,7 @@ from .ablation import AblationCurve, node_ablation_curve
 from .basis import InteractionBasis
 from .build import build_bases
 from .collect import collect
-from .sites import Site
+from .sites import Site, resolve_sites
 from .statistics import Statistics
 from .synchronized import SynchronizedNeurons
 from .zoo import ModAddData, load_modadd, load_modadd_data
@@ -153,7 +153,7 @@ def fourier_summary(
 
 def _site_acts(model: nn.Module, site: Site, tokens: torch.Tensor) -> torch.Tensor:
     acts: list[torch.Tensor] = []
-    module = dict(model.named_modules())[site.name]
+    ((_, module),) = resolve_sites(model, [site])  # a bridge's hook aliases too
     handle = module.register_forward_hook(lambda _m, _a, out: acts.append(out.detach()))
     try:
         with torch.no_grad():

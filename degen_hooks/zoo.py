@@ -7,7 +7,9 @@ and the train/test split live in ``degen_hooks/data/modadd/`` (safetensors + JSO
 README): input ``[a, b, 113]`` (113 is ``=``), label ``(a + b) % 113`` read at the last
 position; 3,830 training and 8,939 test examples.
 
-``transformer_lens`` is imported only when a model is loaded.
+``transformer_lens`` is imported only when a model is loaded. TransformerLens 2.x and 3.x
+give a ``HookedTransformer``; TransformerLens 4, which removed it, a ``TransformerBridge``
+with the same weights (``load_modadd(family=...)`` chooses).
 """
 
 from __future__ import annotations
@@ -110,9 +112,13 @@ def load_modadd_data(*, device: str | torch.device = "cpu") -> ModAddData:
 
 
 def load_modadd(
-    seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: str = "auto",
 ) -> tuple[nn.Module, ModAddData]:
-    """A trained modular-addition ``HookedTransformer`` and its data.
+    """A trained modular-addition TransformerLens model and its data.
 
     One layer, 4 heads of width 32, ``d_model=128``, ``d_mlp=512``, ReLU, no LayerNorm,
     ``d_vocab=114``, ``n_ctx=3``; the weights are unprocessed (no folding or centring).
@@ -124,12 +130,17 @@ def load_modadd(
         device: Where to put the model and data.
         dtype: Parameter dtype (the stored weights are float32; ``torch.float64`` for
             numerics).
+        family: ``"hooked"`` (a ``HookedTransformer``), ``"bridge"`` (a
+            ``TransformerBridge.boot_native`` model, the stored weights converted to its
+            layout) or ``"auto"``: the ``HookedTransformer`` where TransformerLens still has
+            it (2.x, 3.x), else the bridge (4.x). Both compute the same function.
 
     Returns:
         ``(model, data)``: the model in eval mode and a :class:`ModAddData`.
 
     Raises:
-        ValueError: For an unknown seed.
+        ValueError: For an unknown seed or family, or ``family="hooked"`` on TransformerLens
+            4 (which removed ``HookedTransformer``).
         FormatError: If a stored weight is missing or does not fit the configuration.
 
     Examples:
@@ -139,18 +150,20 @@ def load_modadd(
     """
     if seed not in MODADD_SEEDS:
         raise ValueError(f"No modular-addition model for seed {seed!r}; seeds: {MODADD_SEEDS}.")
+    if family not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"family must be 'auto', 'hooked' or 'bridge', got {family!r}.")
     from safetensors.torch import load as load_safetensors
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     files = _files()
     config = json.loads(files.joinpath("config.json").read_text())
-    cfg = HookedTransformerConfig(**config, dtype=dtype, device=str(device))
-    with warnings.catch_warnings():
-        # TransformerLens 3 deprecates HookedTransformer in favour of TransformerBridge,
-        # which cannot load these TransformerLens-format weights directly.
-        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        model = HookedTransformer(cfg)  # built on cfg.device
+    if family == "auto":
+        family = "hooked" if _hooked_transformer() is not None else "bridge"
     state = load_safetensors(files.joinpath(f"seed{seed}.safetensors").read_bytes())
+    if family == "hooked":
+        model = _build_hooked(config, dtype, device)
+    else:
+        model = _build_bridge(config, dtype, device)
+        state = _bridge_layout(state, config)
     result = model.load_state_dict(state, strict=False)
     bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if not k.endswith(_BUFFERS)]
     if bad:
@@ -159,6 +172,65 @@ def load_modadd(
             "or unexpected. Reinstall degen_hooks or check the transformer-lens version."
         )
     return model.eval(), load_modadd_data(device=device)
+
+
+def _hooked_transformer() -> Any:
+    """``transformer_lens.HookedTransformer``, or ``None`` on TransformerLens 4 (removed)."""
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def _build_hooked(config: dict[str, Any], dtype: torch.dtype, device: Any) -> nn.Module:
+    hooked = _hooked_transformer()
+    if hooked is None:
+        raise ValueError(
+            "family='hooked' needs a TransformerLens with HookedTransformer (2.x or 3.x); "
+            "TransformerLens 4 removed it: use family='bridge' (or 'auto')."
+        )
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(**config, dtype=dtype, device=str(device))
+    with warnings.catch_warnings():
+        # TransformerLens 3 deprecates HookedTransformer in favour of TransformerBridge.
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        return hooked(cfg)  # built on cfg.device
+
+
+def _build_bridge(config: dict[str, Any], dtype: torch.dtype, device: Any) -> nn.Module:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return TransformerBridge.boot_native({**config, "device": str(device)}, dtype=dtype)
+
+
+def _bridge_layout(
+    state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """TransformerLens-format weights (``W_Q``: ``(heads, d_model, d_head)``, ...) in the
+    ``nn.Linear`` layout of a native bridge (``attn.q.weight``: ``(heads * d_head, d_model)``)."""
+    out = {
+        "embed.weight": state["embed.W_E"],
+        "pos_embed.weight": state["pos_embed.W_pos"],
+        "unembed.weight": state["unembed.W_U"].T,
+        "unembed.bias": state["unembed.b_U"],
+    }
+    for layer in range(int(config["n_layers"])):
+        attn, mlp = f"blocks.{layer}.attn", f"blocks.{layer}.mlp"
+        for name in "QKV":
+            weight = state[f"{attn}.W_{name}"]  # (heads, d_model, d_head)
+            out[f"{attn}.{name.lower()}.weight"] = weight.permute(0, 2, 1).flatten(0, 1)
+            out[f"{attn}.{name.lower()}.bias"] = state[f"{attn}.b_{name}"].flatten()
+        out[f"{attn}.o.weight"] = state[f"{attn}.W_O"].flatten(0, 1).T  # (d_model, heads*d_head)
+        out[f"{attn}.o.bias"] = state[f"{attn}.b_O"]
+        out[f"{mlp}.in.weight"] = state[f"{mlp}.W_in"].T
+        out[f"{mlp}.in.bias"] = state[f"{mlp}.b_in"]
+        out[f"{mlp}.out.weight"] = state[f"{mlp}.W_out"].T
+        out[f"{mlp}.out.bias"] = state[f"{mlp}.b_out"]
+    return {key: value.contiguous() for key, value in out.items()}
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -179,15 +180,32 @@ def position_mixer(seed: int = 0, *, n_pos: int = 5) -> PositionMixer:
     return model
 
 
+def tl_model(dtype: torch.dtype = torch.float64, **config: Any) -> nn.Module:
+    """A TransformerLens model built from ``config`` (no download), in eval mode.
+
+    A ``HookedTransformer`` where TransformerLens still has it (2.x, 3.x), else a native
+    ``TransformerBridge`` (4.x): the tests then run on whichever family is installed.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from transformer_lens import HookedTransformer, HookedTransformerConfig
+        except ImportError:  # TransformerLens 4
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_native(config, dtype=dtype).eval()
+        return HookedTransformer(HookedTransformerConfig(**config, dtype=dtype)).eval()
+
+
 def attn_only_transformer(seed: int = 0, *, n_layers: int = 2, d_vocab: int = 11):
     """A 2-layer attention-only TransformerLens model, ``d_model=8``, float64.
 
     Imports ``transformer_lens`` lazily (slow); feed it :func:`tokens`. Sites are TL hook
     names, e.g. ``"blocks.0.hook_resid_post"``, ``"blocks.1.attn.hook_z"``.
     """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
+    return tl_model(
         n_layers=n_layers,
         d_model=8,
         n_heads=2,
@@ -198,10 +216,8 @@ def attn_only_transformer(seed: int = 0, *, n_layers: int = 2, d_vocab: int = 11
         normalization_type=None,
         act_fn=None,
         seed=seed,
-        dtype=torch.float64,
         device="cpu",
     )
-    return HookedTransformer(cfg).eval()
 
 
 def mlp_transformer(seed: int = 0, *, n_ctx: int = 6, d_vocab: int = 13, act_fn: str = "relu"):
@@ -209,11 +225,8 @@ def mlp_transformer(seed: int = 0, *, n_ctx: int = 6, d_vocab: int = 13, act_fn:
 
     Imports ``transformer_lens`` lazily; float32, as TransformerLens builds it by default.
     """
-    import warnings
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
+    return tl_model(
+        torch.float32,
         n_layers=1,
         d_model=8,
         d_mlp=16,
@@ -224,10 +237,7 @@ def mlp_transformer(seed: int = 0, *, n_ctx: int = 6, d_vocab: int = 13, act_fn:
         act_fn=act_fn,
         normalization_type=None,
         seed=seed,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(cfg)
+    ).train()  # as TransformerLens builds it
 
 
 def tokens(n: int, n_pos: int = 6, seed: int = 0, *, d_vocab: int = 11) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from degen_hooks.sites import _site_modules  # TransformerLens bridges: aliases too
+
 __all__ = [
     "activations",
     "cells",
@@ -45,7 +47,7 @@ def activations(
     model: nn.Module, x: torch.Tensor, site: str, *, io: str = "output"
 ) -> torch.Tensor:
     """The value a site takes on ``x`` (before any later in-place op), full shape."""
-    module = dict(model.named_modules())[site]
+    module = _site_modules(model)[site]
     seen: list[torch.Tensor] = []
     if io == "output":
         handle = module.register_forward_hook(
@@ -97,7 +99,7 @@ def site_jacobians(
         position dimension, and every extra leading dimension (heads) is flattened into
         ``P``, like the library flattens it into samples (site) or coordinates (target).
     """
-    modules = dict(model.named_modules())
+    modules = _site_modules(model)
     module = modules[site]
     values = activations(model, x, site, io=io)
     jacobians = []

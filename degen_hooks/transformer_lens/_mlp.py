@@ -162,14 +162,11 @@ def mlp_section(model: nn.Module, layer: int, *, residual: bool = False) -> MLPS
             elementwise derivative (``solu_ln``, ...).
 
     Examples:
-        >>> import torch, warnings, degen_hooks as dh
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2,
-        ...                               d_mlp=16, d_vocab=11, act_fn="relu",
-        ...                               normalization_type=None, dtype=torch.float64)
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore", DeprecationWarning)
-        ...     model = HookedTransformer(cfg)
+        >>> import torch, degen_hooks as dh
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = dict(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2, d_mlp=16,
+        ...            d_vocab=11, act_fn="relu", normalization_type=None)
+        >>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64)
         >>> section = mlp_section(model, 0)
         >>> _, pre, _ = mlp_section_sites(model, 0)
         >>> with dh.collect(model, [pre], derivatives={pre: section.activation}) as run:

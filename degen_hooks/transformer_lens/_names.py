@@ -89,14 +89,11 @@ def site_modules(model: nn.Module) -> dict[str, nn.Module]:
         ``{name: module}``; the root is ``""``. Several names may share one module.
 
     Examples:
-        >>> import torch, warnings
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2,
-        ...                               d_mlp=16, d_vocab=11, act_fn="relu")
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore", DeprecationWarning)
-        ...     model = HookedTransformer(cfg)
-        >>> "blocks.0.mlp.hook_post" in site_modules(model)
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> model = TransformerBridge.boot_native(dict(n_layers=1, d_model=8, n_ctx=4, d_head=4,
+        ...                                            n_heads=2, d_mlp=16, d_vocab=11))
+        >>> modules = site_modules(model)
+        >>> modules["blocks.0.mlp.hook_post"] is modules["blocks.0.mlp.out.hook_in"]
         True
     """
     inner, _ = _unwrap(model)

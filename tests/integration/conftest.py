@@ -72,7 +72,30 @@ def build_bridge(act_fn: str = "relu", normalization_type: str | None = None) ->
     return _perturb(model, 2)
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"hooked": build_hooked, "bridge": build_bridge}
+def config_only(config: dict) -> nn.Module:
+    """A module with nothing but a TransformerLens-like ``cfg`` (for config checks)."""
+    from types import SimpleNamespace
+
+    module = nn.Module()
+    module.cfg = SimpleNamespace(**config)
+    return module
+
+
+def _has_hooked() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:  # TransformerLens 4 removed it
+        return False
+    return True
+
+
+HAS_HOOKED = _has_hooked()
+requires_hooked = pytest.mark.skipif(
+    not HAS_HOOKED, reason="TransformerLens 4 removed HookedTransformer"
+)
+BUILDERS: dict[str, Callable[..., nn.Module]] = (
+    {"hooked": build_hooked, "bridge": build_bridge} if HAS_HOOKED else {"bridge": build_bridge}
+)
 VARIANTS = [("relu", None), ("gelu", None), ("relu", "LN"), ("gelu", "LN")]
 
 
@@ -82,7 +105,8 @@ def variant_id(variant: tuple[str, str | None]) -> str:
 
 @pytest.fixture
 def build() -> dict[str, Callable[..., nn.Module]]:
-    """Model builders by family: ``build["hooked"](act_fn, normalization_type)``."""
+    """Model builders by family: ``build["bridge"](act_fn, normalization_type)``; ``"hooked"``
+    only where TransformerLens has ``HookedTransformer`` (mark such tests ``requires_hooked``)."""
     return BUILDERS
 
 

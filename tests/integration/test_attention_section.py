@@ -14,8 +14,17 @@ import torch
 
 import degen_hooks as dh
 from degen_hooks.transformer_lens import attention_section, attention_section_sites
+from tests.cases import tl_model
 
-from .conftest import D_VOCAB, N_CTX, hook_state, toy_config, warmed_up
+from .conftest import (
+    D_VOCAB,
+    N_CTX,
+    config_only,
+    hook_state,
+    requires_hooked,
+    toy_config,
+    warmed_up,
+)
 
 RTOL = 1e-10
 POSITIONS = [(None, "last"), (None, None), ("last", "last"), (slice(1, 4), [0, 2]), (2, None)]
@@ -70,6 +79,7 @@ def test_norm_before_attention_equals_exact_probes(build, family, tokens, norm, 
         torch.testing.assert_close(closed, exact, rtol=RTOL, atol=1e-13)
 
 
+@requires_hooked  # calls the HookedTransformer attention module directly
 def test_equals_jacrev_over_stacked_samples(build, tokens):
     """Brute force: the full Jacobian of resid_mid[-1] w.r.t. resid_pre, one sample at a time."""
     model = build["hooked"]("relu", None)
@@ -97,25 +107,25 @@ def test_equals_jacrev_over_stacked_samples(build, tokens):
     torch.testing.assert_close(closed.second_moment(), reference, rtol=RTOL, atol=1e-13)
 
 
-def test_attention_only_and_alibi_models():
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"attn_only": True},
+        # TransformerLens 4's native bridge has no ALiBi: HookedTransformer only.
+        pytest.param({"positional_embedding_type": "alibi"}, marks=requires_hooked),
+    ],
+    ids=["attn_only", "alibi"],
+)
+def test_attention_only_and_alibi_models(extra):
     """Attention-only blocks map to hook_resid_post; ALiBi biases the scores by constants."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     tokens = torch.randint(0, D_VOCAB, (5, N_CTX), generator=torch.Generator().manual_seed(5))
-    for extra in ({"attn_only": True}, {"positional_embedding_type": "alibi"}):
-        settings = {**toy_config(), "n_layers": 1, **extra}
-        cfg = HookedTransformerConfig(**settings, dtype=torch.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = HookedTransformer(cfg).eval()
-        source, target = attention_section_sites(model, 0)
-        assert target.endswith("hook_resid_post" if "attn_only" in extra else "hook_resid_mid")
-        site, out = dh.Site(source), dh.Site(target, positions="last")
-        exact = exact_gram(model, tokens, site, out, None)
-        closed = attention_section(model, 0).gram_pass(model, [tokens], site, out, progress=False)
-        torch.testing.assert_close(
-            closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
-        )
+    model = tl_model(**{**toy_config(), "n_layers": 1, **extra})
+    source, target = attention_section_sites(model, 0)
+    assert target.endswith("hook_resid_post" if "attn_only" in extra else "hook_resid_mid")
+    site, out = dh.Site(source), dh.Site(target, positions="last")
+    exact = exact_gram(model, tokens, site, out, None)
+    closed = attention_section(model, 0).gram_pass(model, [tokens], site, out, progress=False)
+    torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
 
 
 def test_build_bases_with_attention_section(plain_model, tokens):
@@ -175,16 +185,13 @@ def test_errors(plain_model, tokens):
 
 
 def test_unsupported_attention_is_refused():
-    from transformer_lens import HookedTransformerConfig
-
     base = {**toy_config(), "n_layers": 1}
     for extra, message in (
         ({"positional_embedding_type": "rotary", "rotary_dim": 4}, "rotary"),
         ({"n_key_value_heads": 1}, "grouped-query"),
         ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap=30.0"),
+        ({"original_architecture": "Olmo2ForCausalLM"}, "use_qk_norm"),
     ):
-        cfg = HookedTransformerConfig(**base, **extra)
-        model = torch.nn.Module()
-        model.cfg = cfg
+        model = config_only({**base, **extra})
         with pytest.raises(ValueError, match=message):
             attention_section_sites(model, 0)

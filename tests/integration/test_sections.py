@@ -38,10 +38,10 @@ def test_finds_every_section_of_a_model_without_norms(build, family):
     assert found["blocks.1.hook_resid_post"][0].is_linear
 
 
-def test_leaves_out_what_has_no_closed_form(build):
+def test_leaves_out_what_has_no_closed_form(build, family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dh.transformer_lens.ProcessedWeightsWarning)
-        normed = build["hooked"]("relu", "LN")
+        normed = build[family]("relu", "LN")
     found = find_sections(normed, residual_sites())
     # Attention after ln1 has a closed form; the MLP after ln2 and the unembedding after
     # ln_final do not.
@@ -49,7 +49,7 @@ def test_leaves_out_what_has_no_closed_form(build):
         "blocks.0.hook_resid_pre": "AttentionSection",
         "blocks.1.hook_resid_pre": "AttentionSection",
     }
-    plain = build["hooked"]("relu", None)
+    plain = build[family]("relu", None)
     last = [dh.Site("blocks.0.hook_resid_mid"), dh.Site("blocks.0.hook_resid_post", positions=-1)]
     assert find_sections(plain, last) == {}  # the MLP acts per position: positions must agree
     output_last = find_sections(plain, [dh.Site("blocks.1.hook_resid_post")], None, "last")

@@ -28,7 +28,7 @@ from degen_hooks.transformer_lens import (
     site_modules,
 )
 
-from .conftest import hook_state, warmed_up
+from .conftest import HAS_HOOKED, config_only, hook_state, requires_hooked, toy_config, warmed_up
 
 RTOL = 1e-9
 
@@ -83,6 +83,7 @@ def test_mlp_sites_roles(model):
         mlp_sites(model, layer=2)
 
 
+@requires_hooked
 def test_hook_mlp_in_listed_once_enabled(build, tokens):
     model = build["hooked"]("relu", None)
     model.set_use_hook_mlp_in(True)
@@ -133,14 +134,7 @@ def test_mlp_section_layout(build, family):
 
 
 def test_mlp_section_rejects_attention_only():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2, d_vocab=11, attn_only=True
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg)
+    model = config_only({**toy_config(), "n_layers": 1, "attn_only": True})
     with pytest.raises(ValueError, match="attention-only"):
         mlp_section(model, 0)
 
@@ -160,9 +154,10 @@ def test_bridge_alias_resolution(build):
     assert modules["blocks.0.mlp.hook_post"] is bridge.blocks[0].mlp.out.hook_in
     # named_modules() reaches components through `_original_component`; site names do not.
     assert not any("_original_component" in name for name in modules)
-    hooked = build["hooked"]("relu", None)
-    assert not is_bridge(hooked) and is_transformer_lens(hooked)
-    assert resolve_alias(hooked, "blocks.0.mlp.hook_post") is None
+    if HAS_HOOKED:
+        hooked = build["hooked"]("relu", None)
+        assert not is_bridge(hooked) and is_transformer_lens(hooked)
+        assert resolve_alias(hooked, "blocks.0.mlp.hook_post") is None
 
 
 def test_bridge_alias_keys_and_no_double_count(build, tokens):
@@ -303,6 +298,7 @@ def test_output_unchanged_by_collection(plain_model, tokens):
 
 
 # -- weight processing ---------------------------------------------------------------------
+@requires_hooked
 def test_processing_flags_of_raw_and_processed_hooked(build, tokens):
     model = build["hooked"]("gelu", "LN")
     flags = processing_flags(model)
@@ -317,6 +313,7 @@ def test_processing_flags_of_raw_and_processed_hooked(build, tokens):
     assert flags["is_processed"]
 
 
+@requires_hooked
 def test_record_metadata_warns_on_processed_model(build, tokens):
     model = build["hooked"]("relu", "LN")
     stats = dh.Statistics()
@@ -344,6 +341,7 @@ def test_processing_flags_of_bridge(build):
     assert json.loads(json.dumps(flags)) == flags
 
 
+@requires_hooked
 def test_collect_records_processing_flags(build, tokens):
     model = build["hooked"]("relu", "LN")
     model.process_weights_()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import degen_hooks as dh
+from degen_hooks.modadd import build_modadd_bases
 from degen_hooks.transformer_lens import (
     ProcessedWeightsWarning,
     mlp_section,
@@ -23,6 +24,8 @@ from degen_hooks.zoo import (
     load_modadd_data,
     modadd_accuracy,
 )
+
+from .conftest import HAS_HOOKED, requires_hooked
 
 # degen_hooks/data/modadd/README.md: test accuracy per seed, 8,939 held-out examples.
 TEST_ACCURACY = {0: 0.99955, 1: 0.99888, 2: 1.0, 3: 0.99978, 4: 1.0}
@@ -79,14 +82,36 @@ def test_errors(seed0):
     model, data = seed0
     with pytest.raises(ValueError, match=r"No modular-addition model for seed 7; seeds: \(0, 1"):
         load_modadd(7)
+    with pytest.raises(ValueError, match="family must be 'auto', 'hooked' or 'bridge', got 'x'"):
+        load_modadd(0, family="x")
     with pytest.raises(ValueError, match="3 token rows but 2 labels"):
         modadd_accuracy(model, data.test_tokens[:3], data.test_labels[:2])
+
+
+@requires_hooked
+def test_both_families_compute_the_same_function_and_bases():
+    """The bridge gets the stored weights converted to its nn.Linear layout: same logits, same
+    accuracy, same interaction bases."""
+    hooked, data = load_modadd(0, family="hooked", dtype=torch.float64)
+    bridge, _ = load_modadd(0, family="bridge", dtype=torch.float64)
+    assert type(bridge).__name__ == "TransformerBridge"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bridge(data.test_tokens[:512]), hooked(data.test_tokens[:512]), rtol=1e-12, atol=1e-12
+        )
+    tokens = data.train_tokens[:512]
+    want = build_modadd_bases(hooked, tokens, progress=False)
+    got = build_modadd_bases(bridge, tokens, progress=False)
+    for key in want.sites_:
+        assert got.widths_[key] == want.widths_[key]
+        torch.testing.assert_close(got.lambdas_[key], want.lambdas_[key], rtol=1e-9, atol=0)
 
 
 def test_shipped_model_is_unprocessed(seed0):
     model, _ = seed0
     flags = processing_flags(model)
-    assert not flags["is_processed"] and flags["family"] == "HookedTransformer"
+    family = "HookedTransformer" if HAS_HOOKED else "TransformerBridge"
+    assert not flags["is_processed"] and flags["family"] == family
     stats = dh.Statistics()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProcessedWeightsWarning)

@@ -47,15 +47,11 @@ def make_weighted():
     return xs, ws
 
 def make_transformer():  # one TransformerLens layer, no norms: all sections closed-form
-    import warnings
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.model_bridge import TransformerBridge
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
-                                  n_ctx=4, d_vocab=11, act_fn="relu", normalization_type=None,
-                                  dtype=torch.float64, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(cfg).eval()
+    cfg = dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, n_ctx=4, d_vocab=11,
+               act_fn="relu", normalization_type=None, seed=0)
+    return TransformerBridge.boot_native(cfg, dtype=torch.float64).eval()
 
 def make_tokens():
     gen = torch.Generator().manual_seed(3)

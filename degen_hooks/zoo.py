@@ -163,7 +163,12 @@ def load_modadd(
         model = _build_hooked(config, dtype, device)
     else:
         model = _build_bridge(config, dtype, device)
-        state = _bridge_layout(state, config)
+        try:
+            state = _bridge_layout(state, config)
+        except KeyError as err:
+            raise FormatError(
+                f"seed{seed}.safetensors lacks the weight {err}. Reinstall degen_hooks."
+            ) from None
     result = model.load_state_dict(state, strict=False)
     bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if not k.endswith(_BUFFERS)]
     if bad:

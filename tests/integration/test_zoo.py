@@ -88,6 +88,26 @@ def test_errors(seed0):
         modadd_accuracy(model, data.test_tokens[:3], data.test_labels[:2])
 
 
+def test_bridge_load_refuses_a_missing_weight(monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.load
+
+    def without_w_q(data: bytes) -> dict:
+        state = real(data)
+        del state["blocks.0.attn.W_Q"]
+        return state
+
+    monkeypatch.setattr(safetensors.torch, "load", without_w_q)
+    with pytest.raises(
+        dh.FormatError, match="seed0.safetensors lacks the weight 'blocks.0.attn.W_Q'"
+    ):
+        load_modadd(0, family="bridge")
+    if HAS_HOOKED:
+        with pytest.raises(dh.FormatError, match=r"keys \['blocks.0.attn.W_Q'\] are missing"):
+            load_modadd(0, family="hooked")
+
+
 @requires_hooked
 def test_both_families_compute_the_same_function_and_bases():
     """The bridge gets the stored weights converted to its nn.Linear layout: same logits, same

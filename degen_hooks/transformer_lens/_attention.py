@@ -23,6 +23,11 @@ A LayerNorm or RMSNorm before attention multiplies every attention term by its J
 ``D_j = (P - n_j^T n_j / d) / sigma_j`` (``n_j`` the normalized input, ``P`` the centring
 projector for LayerNorm, the identity for RMSNorm), recomputed from ``hook_resid_pre``; the
 norm's gain is folded into ``W_Q``, ``W_K`` and ``W_V``, and the residual bypasses the norm.
+
+Rotary embeddings (HookedTransformer) rotate q and k per position, ``q'_hp = M_p q_hp``:
+the scores are made of the rotated vectors (hooks ``hook_rot_q``, ``hook_rot_k``), and the
+key and query terms become ``W_K^h M_j^T q'_hp`` and ``W_Q^h M_p^T k'_hl`` (positions
+``0 .. n-1``: no left-padding offsets).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
+from ._rotary import Rotary
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
@@ -81,8 +87,8 @@ def attention_section_sites(
 
 def _check_attention(cfg: Any) -> None:
     unsupported = {
-        "positional_embedding_type='rotary' (q and k are rotated after their hooks)": (
-            getattr(cfg, "positional_embedding_type", "standard") == "rotary"
+        "use_dynamic_ntk_rope (rotary tables rescaled during the forward pass)": bool(
+            getattr(cfg, "use_dynamic_ntk_rope", False)
         ),
         f"n_key_value_heads={getattr(cfg, 'n_key_value_heads', None)} (grouped-query attention)": (
             getattr(cfg, "n_key_value_heads", None) is not None
@@ -126,6 +132,8 @@ class AttentionSection:
         norm: The norm before attention: ``None``, ``"LN"``, ``"LNPre"``, ``"RMS"`` or
             ``"RMSPre"`` (its Jacobian is recomputed from the input captured at ``source``).
         eps: The norm's epsilon.
+        rotary: The rotary embedding of q and k (``hooks`` then name ``hook_rot_q`` and
+            ``hook_rot_k``, the rotated vectors the scores are made of).
     """
 
     w_q: torch.Tensor
@@ -139,6 +147,7 @@ class AttentionSection:
     hooks: tuple[str, ...]
     norm: str | None = None
     eps: float = 1e-5
+    rotary: Rotary | None = None
 
     @property
     def d_in(self) -> int:
@@ -202,16 +211,33 @@ class AttentionSection:
         # g_hplr = sqrt(w_p) A_hpl (v_hl - z_hp) W_O^h R: how the score s_hpl moves y_p.
         spread = v.permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b, h, P, l, e)
         g = torch.einsum("bhple,her->bphlr", a[..., None] * spread, wor)
-        # Keys: ds_hpj/dx_j = W_K^h q_hp / scale, for every sample row (b, p).
-        keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
-        lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2).reshape(n * n_out, n_in * r, n_heads)
-        rows.view(n * n_out, n_in * r, d_in).baddbmm_(lhs, keys.reshape(n * n_out, n_heads, d_in))
-        # Queries, where the input is the output position (j = p):
-        # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l.
-        queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
-        for p_index, k_index in diagonal:
-            lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
-            rows[:, p_index, k_index].baddbmm_(lhs, queries)
+        if self.rotary is None:
+            # Keys: ds_hpj/dx_j = W_K^h q_hp / scale, for every sample row (b, p).
+            keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
+            lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2).reshape(n * n_out, n_in * r, -1)
+            rows.view(n * n_out, n_in * r, d_in).baddbmm_(lhs, keys.reshape(n * n_out, -1, d_in))
+            # Queries, where the input is the output position (j = p):
+            # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l.
+            queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
+            for p_index, k_index in diagonal:
+                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
+                rows[:, p_index, k_index].baddbmm_(lhs, queries)
+        else:
+            # q and k are the rotated vectors: ds_hpl/dx_l = W_K^h M_l^T q_hp / scale and
+            # ds_hpl/dx_p = W_Q^h M_p^T k_hl / scale, M_t the rotation at position t.
+            n_pos = v.shape[1]
+            key_at = self.rotary.unrotate(q[:, outputs, None], inputs[None, :])  # (b,P,K,h,e)
+            keys = torch.einsum("hie,bpkhe->bpkhi", w_k, key_at) / self.scale
+            lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2)  # (b, P, K, r, h)
+            rows.view(-1, r, d_in).baddbmm_(
+                lhs.reshape(-1, r, n_heads), keys.reshape(-1, n_heads, d_in)
+            )
+            for p_index, k_index in diagonal:
+                position = outputs[p_index].expand(n_pos)
+                query_at = self.rotary.unrotate(k, position)  # (b, l, h, e)
+                queries = torch.einsum("hie,blhe->bhli", w_q, query_at).reshape(n, -1, d_in)
+                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
+                rows[:, p_index, k_index].baddbmm_(lhs, queries / self.scale)
         if self.norm is not None:
             if x is None:
                 raise ValueError(f"A section after a {self.norm} norm needs its input x.")
@@ -394,8 +420,9 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         residual: ``True`` (default) for ``hook_resid_pre -> hook_resid_mid``.
 
     Raises:
-        ValueError: As :func:`attention_section_sites`; for rotary embeddings, grouped-query
-            attention, QK norms, soft caps and other attention the formula does not cover.
+        ValueError: As :func:`attention_section_sites`; for grouped-query attention, QK
+            norms, soft caps and other attention the formula does not cover, and for rotary
+            embeddings on a bridge (which keeps no rotary tables).
     """
     source, target = attention_section_sites(model, layer, residual=residual)
     (index,) = _layers(model, layer)
@@ -406,6 +433,20 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
         w_q, w_k, w_v = (w * gain.to(w)[None, :, None] for w in (w_q, w_k, w_v))
     norm = getattr(cfg, "normalization_type", None)
+    rotary, hooks = None, _HOOKS
+    if getattr(cfg, "positional_embedding_type", "standard") == "rotary":
+        if not isinstance(getattr(attn, "rotary_cos", None), torch.Tensor):
+            raise ValueError(
+                f"Block {index}'s attention has no rotary_cos/rotary_sin tables (a "
+                "TransformerBridge): rotary attention has a closed form on HookedTransformer "
+                "models only. Use exact probes."
+            )
+        rotary = Rotary(
+            cos=attn.rotary_cos.detach().to(torch.float64).clone(),
+            sin=attn.rotary_sin.detach().to(torch.float64).clone(),
+            adjacent_pairs=bool(getattr(cfg, "rotary_adjacent_pairs", False)),
+        )
+        hooks = ("hook_rot_q", "hook_rot_k", "hook_v", "hook_pattern")
     return AttentionSection(
         w_q=w_q.clone(),
         w_k=w_k.clone(),
@@ -415,7 +456,8 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         residual=residual,
         source=source,
         target=target,
-        hooks=tuple(f"blocks.{index}.attn.{name}" for name in _HOOKS),
+        hooks=tuple(f"blocks.{index}.attn.{name}" for name in hooks),
         norm=norm if norm in _NORMS else None,
         eps=float(getattr(cfg, "eps", 1e-5)),
+        rotary=rotary,
     )

@@ -38,7 +38,7 @@ def toy_config(act_fn: str = "relu", normalization_type: str | None = None) -> d
     )
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
+def perturbed(model: nn.Module, seed: int = 1) -> nn.Module:
     # Fresh models have zero biases and unit LayerNorm gains, which hide layout mistakes
     # (a transposed W_in, a forgotten LN gain): give every parameter a random offset.
     generator = torch.Generator().manual_seed(seed)
@@ -57,7 +57,7 @@ def build_hooked(act_fn: str = "relu", normalization_type: str | None = None) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg)
-    return _perturb(model, 1)
+    return perturbed(model, 1)
 
 
 def build_bridge(act_fn: str = "relu", normalization_type: str | None = None) -> nn.Module:
@@ -69,7 +69,7 @@ def build_bridge(act_fn: str = "relu", normalization_type: str | None = None) ->
         model = TransformerBridge.boot_native(
             toy_config(act_fn, normalization_type), dtype=torch.float64
         )
-    return _perturb(model, 2)
+    return perturbed(model, 2)
 
 
 def config_only(config: dict) -> nn.Module:

@@ -21,6 +21,7 @@ from .conftest import (
     N_CTX,
     config_only,
     hook_state,
+    perturbed,
     requires_hooked,
     toy_config,
     warmed_up,
@@ -128,6 +129,44 @@ def test_attention_only_and_alibi_models(extra):
     torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
 
 
+@requires_hooked  # a bridge keeps no rotary tables: refused (below)
+@pytest.mark.parametrize("rotary_dim", [4, 2], ids=["full", "partial"])
+@pytest.mark.parametrize("adjacent", [False, True], ids=["halves", "adjacent"])
+@pytest.mark.parametrize("norm", [None, "LN"], ids=["nonorm", "LN"])
+def test_rotary_attention_equals_exact_probes(tokens, rotary_dim, adjacent, norm):
+    """q and k rotated per position (M_t): the scores' derivatives go through M_t^T."""
+    config = {
+        **toy_config("gelu", norm),
+        "positional_embedding_type": "rotary",
+        "rotary_dim": rotary_dim,
+        "rotary_adjacent_pairs": adjacent,
+    }
+    model = perturbed(tl_model(**config))
+    for residual in (True, False):
+        source, target = attention_section_sites(model, 1, residual=residual)
+        section = attention_section(model, 1, residual=residual)
+        assert section.rotary is not None and section.hooks[0].endswith("hook_rot_q")
+        for positions in POSITIONS[:2] + POSITIONS[3:4]:
+            site = dh.Site(source, positions=positions[0])
+            out = dh.Site(target, positions=positions[1])
+            exact = exact_gram(model, tokens, site, out, readout())
+            closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
+            torch.testing.assert_close(
+                closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+            )
+
+
+def test_rotary_on_a_bridge_is_refused(build):
+    config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_native(config, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no rotary_cos/rotary_sin tables"):
+        attention_section(bridge, 0)
+
+
 def test_build_bases_with_attention_section(plain_model, tokens):
     """The section replaces the backward passes of its site: the same basis, no probes."""
     site = dh.Site("blocks.1.hook_resid_pre")
@@ -187,7 +226,7 @@ def test_errors(plain_model, tokens):
 def test_unsupported_attention_is_refused():
     base = {**toy_config(), "n_layers": 1}
     for extra, message in (
-        ({"positional_embedding_type": "rotary", "rotary_dim": 4}, "rotary"),
+        ({"use_dynamic_ntk_rope": True}, "use_dynamic_ntk_rope"),
         ({"n_key_value_heads": 1}, "grouped-query"),
         ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap=30.0"),
         ({"original_architecture": "Olmo2ForCausalLM"}, "use_qk_norm"),

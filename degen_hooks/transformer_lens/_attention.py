@@ -156,8 +156,12 @@ class AttentionSection:
 
     @property
     def _captures(self) -> tuple[str, ...]:
-        """The hooks a forward pass must fire: q, k, v, pattern (and the input, with a norm)."""
-        return self.hooks if self.norm is None else (*self.hooks, self.source)
+        """The hooks a forward pass must fire: q, k, v, pattern, the input with a norm, and the
+        unrotated q with rotary embeddings (to check the positions the model rotated by)."""
+        extra = () if self.norm is None else (self.source,)
+        if self.rotary is not None:
+            extra += (self.hooks[0].replace("hook_rot_q", "hook_q"),)
+        return (*self.hooks, *extra)
 
     def jacobian_rows(
         self,
@@ -246,6 +250,18 @@ class AttentionSection:
             for p_index, k_index in diagonal:
                 rows[:, p_index, k_index] += root[p_index] * readout.T
         return rows
+
+    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
+        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
+        plain = plain.reshape(rotated.shape)
+        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
+        if error > 1e-4 * rotated.abs().max():
+            raise ValueError(
+                "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
+                "padding with an attention_mask, or a key-value cache): the rotary closed form "
+                "assumes plain positions. Run the section without attention_mask/cache, or "
+                "use exact probes."
+            )
 
     def _through_norm(self, rows: torch.Tensor, x: torch.Tensor) -> None:
         """``rows <- rows D`` in place, ``D = (P - n^T n / d) / sigma`` the norm's Jacobian.
@@ -362,6 +378,8 @@ class AttentionSection:
         )
         pattern = captured[self.hooks[3]].to(f64)
         x = captured[self.source].to(f64) if self.norm is not None else None
+        if self.rotary is not None:
+            self._check_positions(q, captured[self._captures[-1]].to(f64))
         readout = readout.to(q.device, f64)
         n_pos = v.shape[1]
         inputs = _positions(site, n_pos, q.device)

@@ -31,6 +31,14 @@ class Rotary:
             out[..., :half], out[..., half:] = -x[..., half:], x[..., :half]
         return out
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``M_t x`` for ``x`` of shape ``(batch, pos, heads, d_head)`` at positions ``0 ..``."""
+        dim = self.cos.shape[1]
+        cos = self.cos.to(x)[: x.shape[1], None, :]  # (pos, 1, dim)
+        sin = self.sin.to(x)[: x.shape[1], None, :]
+        turned = cos * x[..., :dim] + sin * self._flip(x[..., :dim])
+        return torch.cat([turned, x[..., dim:]], dim=-1)
+
     def unrotate(self, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``M_t^T y`` (``F^T = -F``) for vectors ``y`` of shape ``(..., pos, heads, d_head)``
         at ``positions`` (broadcast against ``y``'s position axis)."""

@@ -156,6 +156,25 @@ def test_rotary_attention_equals_exact_probes(tokens, rotary_dim, adjacent, norm
             )
 
 
+@requires_hooked
+def test_rotary_with_offset_positions_is_refused(tokens):
+    """Left padding makes TransformerLens rotate at shifted positions: refused, not wrong."""
+    config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
+    model = perturbed(tl_model(**config))
+    source, target = attention_section_sites(model, 0)
+    mask = torch.ones_like(tokens)
+    mask[:, :2] = 0  # two padding tokens on the left
+
+    def padded(model, batch):
+        return model(batch, attention_mask=mask[: len(batch)])
+
+    section = attention_section(model, 0)
+    site, out = dh.Site(source), dh.Site(target, positions="last")
+    with pytest.raises(ValueError, match="positions other than 0, 1, ..., n-1"):
+        section.gram_pass(model, [tokens], site, out, forward=padded, progress=False)
+    section.gram_pass(model, [tokens], site, out, progress=False)  # plain positions: fine
+
+
 def test_rotary_on_a_bridge_is_refused(build):
     config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
     with warnings.catch_warnings():

@@ -188,15 +188,18 @@ def tl_model(dtype: torch.dtype = torch.float64, **config: Any) -> nn.Module:
     """
     import warnings
 
+    from degen_hooks.zoo import _hooked_transformer
+
+    hooked = _hooked_transformer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-        except ImportError:  # TransformerLens 4
+        if hooked is None:  # TransformerLens 4
             from transformer_lens.model_bridge import TransformerBridge
 
             return TransformerBridge.boot_native(config, dtype=dtype).eval()
-        return HookedTransformer(HookedTransformerConfig(**config, dtype=dtype)).eval()
+        from transformer_lens import HookedTransformerConfig
+
+        return hooked(HookedTransformerConfig(**config, dtype=dtype)).eval()
 
 
 def attn_only_transformer(seed: int = 0, *, n_layers: int = 2, d_vocab: int = 11):

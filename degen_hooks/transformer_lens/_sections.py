@@ -42,8 +42,8 @@ def find_sections(
     * the last block's ``hook_resid_post -> logits`` (the model output): the linear
       unembedding, without a final norm and with the same positions on both sides.
 
-    A pair the closed forms do not cover (a norm before the MLP, rotary attention, sites
-    of different blocks, ...) is left out: ``build_bases`` runs backward passes there.
+    A pair the closed forms do not cover (a norm before the MLP, rotary attention on a
+    bridge, sites of different blocks, ...) is left out: ``build_bases`` runs backward passes there.
 
     Returns:
         ``{site key: (section, pre-activation site or None)}``, as ``build_bases(sections=)``
@@ -77,7 +77,8 @@ def _section_between(
 ) -> tuple[Any, Site | None] | None:
     if site.io != "output" or (target is not None and target.io != "output"):
         return None
-    match = _BLOCK.match(unprefixed(site, prefix))
+    name = unprefixed(site, prefix)
+    match = _BLOCK.match(name)
     if match is None:
         return None
     layer, role = int(match.group(1)), match.group(2)
@@ -93,12 +94,12 @@ def _section_between(
     target_name = unprefixed(target, prefix)
     try:
         if role == "hook_resid_pre":
-            if (unprefixed(site, prefix), target_name) != attention_section_sites(model, layer):
+            if (name, target_name) != attention_section_sites(model, layer):
                 return None
             return attention_section(model, layer), None
         if role == "hook_resid_mid":
             source, pre, out = mlp_section_sites(model, layer, residual=True)
-            if (unprefixed(site, prefix), target_name) != (source, out):
+            if (name, target_name) != (source, out):
                 return None
             if not _same_positions(site.positions, target.positions):
                 return None

@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from degen_hooks.zoo import _hooked_transformer  # noqa: E402
+
 D_VOCAB, N_CTX = 11, 5
 
 
@@ -81,15 +83,7 @@ def config_only(config: dict) -> nn.Module:
     return module
 
 
-def _has_hooked() -> bool:
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:  # TransformerLens 4 removed it
-        return False
-    return True
-
-
-HAS_HOOKED = _has_hooked()
+HAS_HOOKED = _hooked_transformer() is not None  # TransformerLens 4 removed it
 requires_hooked = pytest.mark.skipif(
     not HAS_HOOKED, reason="TransformerLens 4 removed HookedTransformer"
 )

@@ -327,6 +327,15 @@ def test_record_metadata_warns_on_processed_model(build, tokens):
     assert stats.metadata["transformer_lens"] == flags and flags["fold_ln"]
 
 
+def test_degeneracy_report_reads_next_width_through_aliases(model, tokens):
+    """hook_post is read by mlp.W_out on both families (a bridge names it by an alias)."""
+    sites = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    with dh.collect(model, sites) as run, torch.no_grad():
+        model(tokens)
+    report = dh.degeneracy_report(run.stats, model=model)
+    assert [row.d_next for row in report.sites] == [model.cfg.d_model] * 2
+
+
 def test_processing_flags_of_bridge(build):
     bridge = build["bridge"]("gelu", "LN")
     flags = processing_flags(bridge)

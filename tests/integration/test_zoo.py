@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import degen_hooks as dh
-from degen_hooks.modadd import build_modadd_bases
+from degen_hooks.modadd import _site_acts, build_modadd_bases
 from degen_hooks.transformer_lens import (
     ProcessedWeightsWarning,
     mlp_section,
@@ -125,6 +125,11 @@ def test_both_families_compute_the_same_function_and_bases():
     for key in want.sites_:
         assert got.widths_[key] == want.widths_[key]
         torch.testing.assert_close(got.lambdas_[key], want.lambdas_[key], rtol=1e-9, atol=0)
+    # The Fourier features read the sites through the bridge's hook aliases.
+    site = dh.Site("blocks.0.hook_resid_mid", positions="last")
+    torch.testing.assert_close(
+        _site_acts(bridge, site, tokens), _site_acts(hooked, site, tokens), rtol=0, atol=1e-12
+    )
 
 
 def test_shipped_model_is_unprocessed(seed0):

@@ -19,8 +19,11 @@ from ._errors import (
     GradientError,
     NonFiniteError,
     NotFittedError,
+    SaveError,
+    SaveExistsError,
     ShapeMismatchError,
     SiteNotFoundError,
+    StatisticsTooLargeError,
 )
 
 # Node ablation
@@ -108,6 +111,9 @@ __all__ = [
     "GradientError",
     "NonFiniteError",
     "NotFittedError",
+    "SaveError",
+    "SaveExistsError",
     "ShapeMismatchError",
     "SiteNotFoundError",
+    "StatisticsTooLargeError",
 ]

@@ -65,6 +65,17 @@ class JacobianPass:
                 "run.backward() needs Jacobian statistics: pass jacobians='exact' (or "
                 "'rademacher'/'gaussian') to dh.collect(...)."
             )
+        try:
+            self._backward(output, retain_graph)
+        except BaseException:
+            # The batch (its forward passes and this backward) is undone at every site.
+            if self._journal is not None:
+                self._abort_batch()
+            raise
+        if self._journal is not None:
+            self._journal.commit()
+
+    def _backward(self, output: Any, retain_graph: bool) -> None:
         self._check_grad_enabled()
         targets = self._targets(output)
         captures, self._captures = self._captures, {}
@@ -85,8 +96,11 @@ class JacobianPass:
                 self.seed * 1_000_003 + n_calls
             )
         sums: dict[str, torch.Tensor] = {}
-        skipped = dict.fromkeys(captures, 0)
-        reached = [False] * len(edges)
+        # Per captured edge: gradient rows dropped as non-finite, and probes pushed to it.
+        skipped = [0] * len(edges)
+        n_probes = [0] * len(edges)
+        # An edge of a batch without rows at its site (empty, or padding only) needs none.
+        reached = [item[3] == 0 for _, item in edges]
         for t_index, (y, y_mask) in enumerate(targets):
             chunk = self._chunk_for(y, edges)
             for grad_outputs, is_last in _with_last(self._probes(y, y_mask, chunk)):
@@ -108,21 +122,39 @@ class JacobianPass:
                     flat_mask = None if mask is None else mask.repeat(k, 1)
                     rows = self._site(key).rows(flat, flat_mask).to(self.dtype)
                     gram, n_bad = self._gram(key, rows)
-                    skipped[key] += n_bad
+                    skipped[index] += n_bad
+                    n_probes[index] += k
                     sums[key] = gram if key not in sums else sums[key].add_(gram)
         self._check_reached(edges, reached)
+        counts = dict.fromkeys(captures, 0.0)
+        n_skipped = dict.fromkeys(captures, 0)
+        for index, (key, item) in enumerate(edges):
+            # Input positions are samples: normalise by the rows the site contributed. A
+            # dropped (non-finite) gradient row stands for 1/n_probes of its sample, so the
+            # Gram stays a mean over clean rows (a sample whose every probe row was dropped
+            # counts 0), not the clean fraction times it.
+            counts[key] += item[3] - skipped[index] / max(n_probes[index], 1)
+            n_skipped[key] += skipped[index]
         for key, items in captures.items():
-            # Input positions are samples: normalise by the rows the site contributed.
-            n_rows = sum(item[3] for item in items)
+            if not any(item[3] for item in items):
+                continue  # no rows since the last call: nothing to add
+            if not bool(torch.isfinite(sums[key]).all()):  # the chunks' sum overflowed
+                raise NonFiniteError(
+                    f"Gradients at site {key!r}: the Jacobian Gram of this batch overflowed "
+                    f"{self.dtype} when its probe chunks were added. Rescale the target "
+                    "(readout=) or the model. The statistics were not updated."
+                )
             partial = SecondMoment(dtype=self.dtype, nonfinite=self.nonfinite)
+            count = counts[key]
             partial.load_state_dict(
                 {
-                    "n_samples": torch.tensor(n_rows),
-                    "n_skipped": torch.tensor(skipped[key]),
-                    "count": torch.tensor(float(n_rows), dtype=self.dtype, device=sums[key].device),
+                    "n_samples": torch.tensor(round(count)),
+                    "n_skipped": torch.tensor(n_skipped[key]),
+                    "count": torch.tensor(count, dtype=self.dtype, device=sums[key].device),
                     "sum": sums[key],
                 }
             )
+            self._journal.touch(key)
             self.stats[key].grads.merge(partial)
         self.stats.metadata["n_backward_calls"] = n_calls + 1
 

@@ -1,4 +1,4 @@
-"""Shared validation helpers: row layout, finiteness, fitted estimators, name suggestions.
+"""Shared validation helpers: row layout, finiteness, memory, fitted estimators, name suggestions.
 
 Low-level checks raise precise messages; public entry points add context once.
 """
@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from ._errors import NotFittedError, ShapeMismatchError
+from ._errors import NotFittedError, ShapeMismatchError, StatisticsTooLargeError
 
 __all__ = [
+    "StatisticsTooLargeError",
     "as_rows",
+    "available_memory",
     "check_fitted",
+    "check_fits_in_memory",
     "check_width",
     "closest",
     "nonfinite_rows",
     "optional_import",
 ]
+
+# Below this many bytes an allocation is not checked against the free memory: querying it
+# costs a system call, and a state this small fails (if at all) with torch's own error.
+_CHECKED_BYTES = 64 * 2**20
 
 
 def as_rows(x: torch.Tensor, what: str = "activations") -> torch.Tensor:
@@ -56,6 +64,56 @@ def check_width(expected: int | None, got: int, what: str) -> None:
             "A site's last dimension must stay the same for the whole collection; "
             "collect differently shaped activations under different sites."
         )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``, or ``None`` when unknown.
+
+    CPU: the available memory (``psutil``), else the physical memory (``os.sysconf``).
+    CUDA: the device's free memory plus the blocks PyTorch's caching allocator holds unused.
+    Other devices (``meta``, ``mps``, ...): ``None``.
+    """
+    try:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            free, _ = torch.cuda.mem_get_info(index)
+            cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+            return int(free) + max(int(cached), 0)
+        if device.type == "cpu":
+            try:
+                import psutil
+            except ImportError:
+                return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+            return int(psutil.virtual_memory().available)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None  # an unknown platform: let the allocation itself decide
+    return None
+
+
+def check_fits_in_memory(n_bytes: int, device: torch.device, what: str, hint: str = "") -> None:
+    """Raise :class:`StatisticsTooLargeError` if ``n_bytes`` cannot fit on ``device``.
+
+    Call it before allocating, so nothing is allocated (or changed) when it raises. States
+    under 64 MiB are not checked (no system call on the common path).
+
+    Args:
+        n_bytes: The estimated size of what is about to be allocated.
+        device: Where it would be allocated.
+        what: What needs the memory, for the message (``"Covariance(d_site=768)"``).
+        hint: How to need less, appended to the message.
+
+    Raises:
+        StatisticsTooLargeError: If the estimate exceeds the memory available on ``device``.
+    """
+    if n_bytes < _CHECKED_BYTES:
+        return
+    available = available_memory(torch.device(device))
+    if available is None or n_bytes <= available:
+        return
+    raise StatisticsTooLargeError(
+        f"{what} needs about {n_bytes / 2**30:,.2f} GiB, but only {available / 2**30:,.2f} "
+        f"GiB of memory is available on {device}. Nothing was allocated. {hint}".rstrip()
+    )
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,11 @@ __all__ = [
     "GradientError",
     "NonFiniteError",
     "NotFittedError",
+    "SaveError",
+    "SaveExistsError",
     "ShapeMismatchError",
     "SiteNotFoundError",
+    "StatisticsTooLargeError",
 ]
 
 
@@ -63,3 +66,15 @@ class DivergenceError(DegenHooksError, RuntimeError):
 
 class DistributedError(DegenHooksError, RuntimeError):
     """A collective operation failed: a rank raised, died, timed out or disagreed."""
+
+
+class StatisticsTooLargeError(DegenHooksError, MemoryError):
+    """Statistics would not fit in the memory of their device (raised before allocating)."""
+
+
+class SaveError(DegenHooksError, OSError):
+    """A save could not be written (an unwritable or full disk, a path that cannot be a folder)."""
+
+
+class SaveExistsError(SaveError, FileExistsError):
+    """The save path is taken by something :func:`~degen_hooks.save` may not replace."""

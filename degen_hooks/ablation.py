@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._batches import require_reiterable
 from .basis import InteractionBasis, _keep_index
 from .sites import Site, _position_index, resolve_sites
 
@@ -209,6 +210,7 @@ def node_ablation_curve(
     """
     from tqdm.auto import tqdm
 
+    require_reiterable(data, caller="node_ablation_curve")
     call = forward or (lambda m, batch: m(batch))
     curve = AblationCurve(site=site, baseline=_evaluate(model, data, call, metric))
     jobs = []

@@ -10,16 +10,25 @@ Numerics: :class:`Covariance` keeps the mean and the *centred* scatter matrix an
 batches with the Chan et al. parallel update, never ``E[x x^T] - mu mu^T`` (which cancels
 catastrophically when the mean is large against the spread). Everything is held in float64 by
 default on the device of the first batch (a GPU stays a GPU).
+
+Faults: every method that changes an accumulator validates all its arguments first and, when
+it refuses, leaves the state exactly as before. A finite batch whose statistics would overflow
+the dtype (values near 1e154 in float64, whose squares pass the range) is refused under
+``nonfinite="raise"``; ``nonfinite="skip"`` drops the rows holding NaN/inf and the rows whose
+own contribution overflows, counting them in ``n_skipped``, and still refuses a batch whose
+remaining rows overflow together (dropping rows cannot help there). A width whose ``(d, d)``
+statistics cannot fit in memory is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
 
-from ._accumulator import _Accumulator, _rows_of
-from ._checks import as_rows, check_width
+from ._accumulator import _Accumulator, _limit, _mask_rows, _real, _Unclean, check_count
 from ._errors import EmptyStatisticsError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["CoFiring", "Covariance", "SecondMoment"]
@@ -36,8 +45,14 @@ class Covariance(_Accumulator):
         d: Width of the vectors; inferred from the first batch when ``None``.
         dtype: Accumulation dtype (float64 unless you know better).
         device: Where the statistics live; the first batch's device when ``None``.
-        nonfinite: ``"raise"`` (default) refuses a batch holding NaN/inf and keeps the
-            previous state; ``"skip"`` drops such rows and counts them in ``n_skipped``.
+        nonfinite: ``"raise"`` (default) refuses a batch holding NaN/inf, or one whose
+            statistics overflow, and keeps the previous state; ``"skip"`` drops rows holding
+            NaN/inf and rows whose own ``w |x|^2`` overflows, counting them in ``n_skipped``
+            (a batch whose remaining rows still overflow together is refused).
+
+    Raises:
+        StatisticsTooLargeError: (a ``MemoryError``) If ``d`` is given and its statistics
+            cannot fit in memory.
 
     Examples:
         >>> import torch
@@ -48,12 +63,10 @@ class Covariance(_Accumulator):
     """
 
     _tensor_fields = ("weight_sum", "mean", "m2")
+    _nonnegative_fields = ("weight_sum",)
 
-    def _allocate(self, d: int, device: torch.device) -> None:
-        self.d, self.device = d, device
-        self._weight_sum = torch.zeros((), dtype=self.dtype, device=device)
-        self._mean = torch.zeros(d, dtype=self.dtype, device=device)
-        self._m2 = torch.zeros(d, d, dtype=self.dtype, device=device)
+    def _field_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
+        return {"weight_sum": (), "mean": (d,), "m2": (d, d)}
 
     def update(
         self,
@@ -66,76 +79,137 @@ class Covariance(_Accumulator):
         Args:
             x: Vectors, shape ``(..., d)``; leading dimensions are flattened into samples.
             weights: Optional non-negative weight per sample, shape ``x.shape[:-1]``.
-            mask: Optional boolean, shape ``x.shape[:-1]``; ``False`` rows are ignored.
+            mask: Optional boolean (or 0/1), shape ``x.shape[:-1]``; ``False`` rows are
+                ignored.
 
         Returns:
             ``self``.
 
         Raises:
-            NonFiniteError: If ``x`` holds NaN/inf and ``nonfinite="raise"``; the state is
-                left exactly as before.
+            NonFiniteError: If ``x`` (or ``weights``) holds NaN/inf, or the statistics would
+                overflow, under ``nonfinite="raise"``; under ``"skip"`` only when the rows
+                left after dropping still overflow. The state is left exactly as before.
             ShapeMismatchError: If the width differs from earlier batches, or ``weights`` /
                 ``mask`` do not match the leading shape of ``x``.
+            ValueError: If a weight is negative or a mask value is not 0/1.
+            TypeError: If ``x``, ``weights`` or ``mask`` is not real.
+            StatisticsTooLargeError: (a ``MemoryError``) On a first batch whose width cannot
+                fit in memory.
         """
-        rows = self._prepare(x, "activations")
-        w = _rows_of(weights, x, "weights", rows.device, self.dtype)
-        if mask is not None:
-            keep = _rows_of(mask, x, "mask", rows.device, torch.bool)
-            rows = rows[keep]
-            w = None if w is None else w[keep]
-        if w is not None and bool((w < 0).any()):
-            raise ValueError("weights must be non-negative; got a negative weight.")
-        rows, w = self._drop_nonfinite(rows, w, "Covariance.update")
-        self._ensure_allocated(rows)
+
+        def fresh() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return self._rows_and_weights(x, weights, mask, "activations")
+
+        self._feed(fresh, "Covariance.update", source=x)
+        return self
+
+    def _accumulate(
+        self,
+        rows: torch.Tensor,
+        w: torch.Tensor | None,
+        *,
+        n_rows: int,
+        n_skipped: int,
+        source: torch.Tensor,
+        first: bool = False,
+    ) -> None:
         n = rows.shape[0]
         if n == 0:
-            return self
-        # Centre in place when `rows` is our own copy (a dtype/device cast, a mask or a
-        # dropped row made one): a second (n, d) buffer costs as much as the Gram product
-        # itself in fresh-page faults. Never when it is a view of the caller's tensor.
-        owned = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+            self._ensure_allocated(rows)
+            self.n_skipped += n_skipped
+            return
+        # A NaN/inf entry makes its column sum non-finite (IEEE sums propagate it), and so
+        # the mean, the plan's trace and its check below: no separate isfinite pass.
+        column_sum = rows.sum(dim=0)
         if w is None:
             weight = torch.tensor(float(n), dtype=self.dtype, device=rows.device)
-            mean_b = rows.mean(dim=0)
-            centred = rows.sub_(mean_b) if owned else rows - mean_b
-            left = centred
+            mean_b = column_sum / n
         else:
             weight = w.sum()
+            if not bool(torch.isfinite(column_sum).all() & torch.isfinite(weight)):
+                raise _Unclean
             if float(weight) == 0.0:
+                self._ensure_allocated(rows)
                 self.n_samples += n
-                return self
+                self.n_skipped += n_skipped
+                return
             mean_b = (w @ rows) / weight
-            centred = rows.sub_(mean_b) if owned else rows - mean_b
+        # Centre in place when `rows` is our own copy (a dtype/device cast, a mask or a
+        # dropped row made one): a second (n, d) buffer costs as much as the Gram product
+        # itself in fresh-page faults. Never when it is a view of the caller's tensor, and
+        # only on the first try (a retry needs the rows as they were).
+        owned = first and rows.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+        centred = rows.sub_(mean_b) if owned else rows - mean_b
+        if w is None:
+            left = centred
+            # One O(n d) reduction (the Frobenius norm) bounds every entry of the scatter.
+            trace_b = torch.linalg.vector_norm(centred).square()
+        else:
             left = centred * w[:, None]
+            trace_b = (left * centred).sum()
+        plan = self._plan_combine(weight, mean_b, trace_b)
+        self._ensure_allocated(rows)
         # The batch's scatter goes straight into the running one (GEMM with beta=1): a
         # separate (d, d) product plus the Chan terms would allocate and sweep d^2 buffers
         # several times, which at d = 3072 costs as much as the product itself.
         self._m2.addmm_(left.T, centred)
-        self._combine(weight, mean_b)
+        self._apply_combine(*plan)
         self.n_samples += n
-        return self
+        self.n_skipped += n_skipped
 
-    def _combine(
-        self, weight: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor | None = None
-    ) -> None:
+    def _plan_combine(
+        self, weight: torch.Tensor, mean_b: torch.Tensor, trace_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Chan et al. (1979): exact pairwise combination of centred moments,
-        # m2 = m2_a + m2_b + (w_a w_b / (w_a + w_b)) delta delta^T. Callers that already
-        # added m2_b into self._m2 pass None.
-        total = self._weight_sum + weight
-        delta = mean_b - self._mean
+        # m2 = m2_a + m2_b + (w_a w_b / (w_a + w_b)) delta delta^T. Computed without
+        # touching the state, and refused (_Unclean) when the result would not be finite:
+        # every matrix is PSD, so a bounded trace bounds each entry (one device sync).
+        if self.d is None:
+            weight_a = torch.zeros((), dtype=self.dtype, device=mean_b.device)
+            mean_a = torch.zeros_like(mean_b)
+            trace_a: torch.Tensor | float = 0.0
+        else:
+            weight_a, mean_a, trace_a = self._weight_sum, self._mean, self._m2.diagonal().sum()
+        total = weight_a + weight
+        delta = mean_b - mean_a
         ratio = weight / total
-        if m2_b is not None:
-            self._m2 += m2_b
+        coefficient = weight_a * ratio
+        limit = _limit(self.dtype)
+        # A NaN/inf in the batch's mean makes delta @ delta NaN/inf, and so the trace (also
+        # when the coefficient is 0): the new mean, a convex combination, needs no check.
+        trace = trace_a + trace_b + coefficient * (delta @ delta)
+        ok = (trace <= limit) & (total <= limit)
+        if not bool(ok):
+            raise _Unclean
+        return total, delta, ratio, coefficient
+
+    def _apply_combine(
+        self,
+        total: torch.Tensor,
+        delta: torch.Tensor,
+        ratio: torch.Tensor,
+        coefficient: torch.Tensor,
+    ) -> None:
         # addr_ adds the rank-one term in one pass; the coefficient scales the (d,) vector,
         # not the (d, d) matrix, and stays a tensor (no device sync).
-        self._m2.addr_(delta * (self._weight_sum * ratio), delta)
+        self._m2.addr_(delta * coefficient, delta)
         self._mean += delta * ratio
         self._weight_sum = total
 
-    def _merge_state(self, other: Covariance) -> None:
-        if float(other._weight_sum) > 0:
-            dev = self.device
-            self._combine(other._weight_sum.to(dev), other._mean.to(dev), other._m2.to(dev))
+    def _plan_merge(self, other: Covariance) -> Any:
+        if float(other._weight_sum) == 0:
+            return None
+        dev = self.device or other.device
+        weight, mean_b, m2_b = (
+            t.to(dev, self.dtype) for t in (other._weight_sum, other._mean, other._m2)
+        )
+        return m2_b, self._plan_combine(weight, mean_b, m2_b.diagonal().sum())
+
+    def _apply_merge(self, other: Covariance, plan: Any) -> None:
+        if plan is not None:
+            m2_b, combine = plan
+            self._m2 += m2_b
+            self._apply_combine(*combine)
 
     @property
     def weight_sum(self) -> float:
@@ -192,11 +266,10 @@ class SecondMoment(_Accumulator):
     """
 
     _tensor_fields = ("count", "sum")
+    _nonnegative_fields = ("count",)
 
-    def _allocate(self, d: int, device: torch.device) -> None:
-        self.d, self.device = d, device
-        self._count = torch.zeros((), dtype=self.dtype, device=device)
-        self._sum = torch.zeros(d, d, dtype=self.dtype, device=device)
+    def _field_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
+        return {"count": (), "sum": (d, d)}
 
     def update(
         self,
@@ -210,39 +283,119 @@ class SecondMoment(_Accumulator):
         Args:
             x: Vectors, shape ``(..., d)``.
             weights: Optional non-negative weight per row.
-            count: Number of samples the rows stand for (the normaliser); defaults to the
-                weight sum, or the number of rows.
+            count: Number of samples the rows stand for (the normaliser): finite and
+                non-negative, a fraction allowed; defaults to the weight sum, or the number
+                of rows. Under ``nonfinite="skip"`` each dropped row takes its share
+                ``count / n_rows`` with it, so the estimate stays a mean over clean rows.
 
         Returns:
             ``self``.
+
+        Raises:
+            NonFiniteError: If ``x`` (or ``weights``) holds NaN/inf, or the sum would
+                overflow, under ``nonfinite="raise"``; under ``"skip"`` only when the rows
+                left after dropping still overflow. The state is left exactly as before.
+            ShapeMismatchError: If the width differs from earlier batches or ``weights`` do
+                not match the leading shape of ``x``.
+            ValueError: If a weight is negative, or ``count`` is NaN, infinite or negative.
+            TypeError: If ``count`` is not a real number, or ``x``/``weights`` not real.
+            StatisticsTooLargeError: (a ``MemoryError``) On a first batch whose width cannot
+                fit in memory.
         """
-        rows = self._prepare(x, "vectors")
-        w = _rows_of(weights, x, "weights", rows.device, self.dtype)
-        rows, w = self._drop_nonfinite(rows, w, "SecondMoment.update")
-        self._ensure_allocated(rows)
-        n = rows.shape[0]
-        if count is None:
-            count = float(n) if w is None else float(w.sum())
-        if n:
-            scaled = rows if w is None else rows * w[:, None]
-            self._sum += scaled.T @ rows
-        self._count += count
-        self.n_samples += round(count)
+        if count is not None:
+            count = check_count(count)
+
+        def fresh() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return self._rows_and_weights(x, weights, None, "vectors")
+
+        self._feed(fresh, "SecondMoment.update", count=count)
         return self
 
+    def _accumulate(
+        self,
+        rows: torch.Tensor,
+        w: torch.Tensor | None,
+        *,
+        n_rows: int,
+        n_skipped: int,
+        count: float | None,
+        first: bool = False,
+    ) -> None:
+        n = rows.shape[0]
+        if w is None:
+            scaled = rows
+            # The Frobenius norm, one O(n d) reduction, bounds every entry of the sum (and is
+            # NaN/inf when a row is): the only check of a clean batch.
+            trace_b = torch.linalg.vector_norm(rows).square()
+        else:
+            scaled = rows * w[:, None]
+            trace_b = (scaled * rows).sum()
+        if count is None:
+            count_b: torch.Tensor | float = float(n) if w is None else w.sum()
+        else:
+            # A dropped row takes its share of the samples with it.
+            count_b = count if n == n_rows else count * n / n_rows
+        trace_a = self._sum.diagonal().sum() if self.d is not None else 0.0
+        count_a = self._count if self.d is not None else 0.0
+        limit = _limit(self.dtype)
+        ok = (trace_a + trace_b <= limit) & torch.as_tensor(count_a + count_b <= limit)
+        if not bool(ok):
+            raise _Unclean
+        self._ensure_allocated(rows)
+        if n:
+            self._sum.addmm_(scaled.T, rows)
+        count_b = float(count_b)
+        self._count += count_b
+        self.n_samples += round(count_b)
+        self.n_skipped += n_skipped
+
     @classmethod
-    def from_matrix(cls, matrix: torch.Tensor, count: int) -> SecondMoment:
+    def from_matrix(cls, matrix: torch.Tensor, count: float) -> SecondMoment:
         """An accumulator holding a known second moment ``matrix`` over ``count`` samples.
 
         Used for Jacobian Grams computed in closed form, so they merge like streamed ones.
+
+        Args:
+            matrix: The second moment ``E[x x^T]``, shape ``(d, d)``.
+            count: The samples it averages over (finite, non-negative).
+
+        Returns:
+            A new accumulator.
+
+        Raises:
+            ShapeMismatchError: If ``matrix`` is not square.
+            NonFiniteError: If ``matrix * count`` holds NaN/inf.
         """
+        matrix = _real(matrix, "matrix")
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ShapeMismatchError(
+                f"SecondMoment.from_matrix needs a square (d, d) matrix, got shape "
+                f"{tuple(matrix.shape)}."
+            )
+        count = check_count(count)
         acc = cls(matrix.shape[0], device=matrix.device)
-        acc._sum += matrix.to(acc.dtype) * count
+        total = matrix.to(acc.dtype) * count
+        n_bad = int((~torch.isfinite(total)).sum())
+        if n_bad:
+            raise NonFiniteError(
+                f"SecondMoment.from_matrix: matrix * count holds {n_bad} NaN/inf values "
+                f"(largest |entry| {float(matrix.abs().max()):.3g}, count {count:g})."
+            )
+        acc._sum += total
         acc._count += count
         acc.n_samples = int(count)
         return acc
 
-    def _merge_state(self, other: SecondMoment) -> None:
+    def _plan_merge(self, other: SecondMoment) -> None:
+        trace_a = self._sum.diagonal().sum() if self.d is not None else 0.0
+        count_a = self._count if self.d is not None else 0.0
+        trace = trace_a + other._sum.diagonal().sum().to(self.device or other.device)
+        count = count_a + other._count.to(self.device or other.device)
+        limit = _limit(self.dtype)
+        if not bool((trace <= limit) & (count <= limit)):
+            raise _Unclean
+
+    def _apply_merge(self, other: SecondMoment, plan: Any) -> None:
         self._sum += other._sum.to(self.device)
         self._count += other._count.to(self.device)
 
@@ -275,47 +428,73 @@ class CoFiring(_Accumulator):
 
     _tensor_fields = ("counts", "co")
 
+    _nonnegative_fields = ("counts", "co")
+
     def __init__(self, d: int | None = None, *, threshold: float = 0.0, **kwargs: Any) -> None:
+        value = threshold.item() if isinstance(threshold, torch.Tensor) else threshold
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"threshold must be a real number, got {threshold!r}.")
+        if math.isnan(value):
+            raise ValueError(f"threshold must be a number, got {value}.")
         self.threshold = threshold
         super().__init__(d, **kwargs)
 
-    def _allocate(self, d: int, device: torch.device) -> None:
-        self.d, self.device = d, device
-        self._counts = torch.zeros(d, dtype=self.dtype, device=device)
-        self._co = torch.zeros(d, d, dtype=self.dtype, device=device)
+    def _field_shapes(self, d: int) -> dict[str, tuple[int, ...]]:
+        return {"counts": (d,), "co": (d, d)}
+
+    def _workspace_bytes(self, d: int) -> int:
+        return 4 * d * d  # each chunk's float32 (d, d) product
 
     def update(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> CoFiring:
         """Count which neurons fire, given pre-activations ``z`` of shape ``(..., d)``.
 
         A boolean ``z`` is taken as the firing pattern itself.
+
+        Args:
+            z: Pre-activations (or a boolean firing pattern), shape ``(..., d)``.
+            mask: Optional boolean (or 0/1), shape ``z.shape[:-1]``; ``False`` rows are
+                ignored.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            NonFiniteError: If ``z`` holds NaN under ``nonfinite="raise"`` (``inf`` is a
+                valid pre-activation); the counts are left exactly as before.
+            ShapeMismatchError: If the width differs from earlier batches, or ``mask`` does
+                not match the leading shape of ``z``.
+            ValueError: If a mask value is not 0/1.
+            TypeError: If ``z`` or ``mask`` is not real.
+            StatisticsTooLargeError: (a ``MemoryError``) On a first batch whose width cannot
+                fit in memory.
         """
-        rows = as_rows(z, "pre-activations")
-        check_width(self.d, rows.shape[1], "CoFiring: pre-activations")
+        rows = self._prepare(z, "pre-activations", cast=False)
         if mask is not None:
-            rows = rows[_rows_of(mask, z, "mask", rows.device, torch.bool)]
+            rows = rows[_mask_rows(mask, z, rows.device)]
+        n_bad = 0
         if rows.dtype != torch.bool:
-            bad = int(torch.isnan(rows).any(dim=-1).sum())
-            if bad:
+            nan_rows = torch.isnan(rows).any(dim=-1)
+            n_bad = int(nan_rows.sum())
+            if n_bad:
                 if self.nonfinite == "raise":
                     raise NonFiniteError(
-                        f"CoFiring.update: {bad} of {rows.shape[0]} rows hold NaN; the "
+                        f"CoFiring.update: {n_bad} of {rows.shape[0]} rows hold NaN; the "
                         "counts were not updated. Pass nonfinite='skip' to drop them."
                     )
-                self.n_skipped += bad
-                rows = rows[~torch.isnan(rows).any(dim=-1)]
+                rows = rows[~nan_rows]
             rows = rows > self.threshold
         self._ensure_allocated(rows)
         n = rows.shape[0]
-        if n == 0:
-            return self
         # 0/1 products are exact in float32 while a chunk has < 2**24 rows; the running
-        # sums live in float64. Chunks of 2**16 rows bound the float32 copy's memory.
+        # sums live in float64 (add_ casts on the fly: no float64 copy of the product).
+        # Chunks of 2**16 rows bound the float32 copy's memory.
         chunk = 1 << 16
         for start in range(0, n, chunk):
             part = rows[start : start + chunk].to(device=self.device, dtype=torch.float32)
-            self._co += (part.T @ part).to(self.dtype)
-            self._counts += part.sum(dim=0).to(self.dtype)
+            self._co.add_(part.T @ part)
+            self._counts.add_(part.sum(dim=0))
         self.n_samples += n
+        self.n_skipped += n_bad
         return self
 
     def _check_mergeable(self, other: _Accumulator) -> None:
@@ -327,7 +506,7 @@ class CoFiring(_Accumulator):
                 "Collect both with the same firing threshold."
             )
 
-    def _merge_state(self, other: CoFiring) -> None:
+    def _apply_merge(self, other: CoFiring, plan: Any) -> None:
         self._co += other._co.to(self.device)
         self._counts += other._counts.to(self.device)
 

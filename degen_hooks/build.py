@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ._errors import ShapeMismatchError
+from ._batches import require_reiterable
+from ._errors import EmptyStatisticsError, GradientError, ShapeMismatchError
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
-from .distributed import all_reduce_
+from .distributed import _guard_ranks, all_reduce_
 from .sites import Site, _is_transformer_lens, _unwrap
 from .statistics import Statistics
 
@@ -43,6 +45,7 @@ def _as_site(site: str | Site) -> Site:
     return site if isinstance(site, Site) else Site(site)
 
 
+@_guard_ranks
 def build_bases(
     model: nn.Module,
     sites: Sequence[str | Site],
@@ -63,6 +66,7 @@ def build_bases(
     seed: int = 0,
     distributed: bool = False,
     group: Any = None,
+    timeout: timedelta | float | None = None,
     progress: bool = True,
 ) -> InteractionBasis:
     """Build the bases of ``sites`` (ordered from input to output) in one call.
@@ -70,7 +74,9 @@ def build_bases(
     Args:
         model: Any ``nn.Module``.
         sites: Node layers, earliest first: names or :class:`~degen_hooks.Site` objects.
-        data: A re-iterable of batches (each pass iterates it once).
+        data: A re-iterable of batches (each pass iterates it once): a list of batches or a
+            ``DataLoader``. A one-shot iterator (a generator) is refused when more than one
+            pass is needed. Empty batches add nothing.
         variant: ``"local"`` (LIB), ``"global"``, ``"pca"`` or ``"neuron"``.
         output: The final node layer: ``None`` for the model output, or a site.
         output_positions: Positions of the model output to use when ``output=None``.
@@ -101,13 +107,32 @@ def build_bases(
         distributed: Run the passes over ``torch.distributed`` ranks: every rank passes its
             own shard of ``data``, the statistics of each pass are combined exactly
             (:func:`~degen_hooks.all_reduce_`) and every rank fits the same bases, as one
-            process over the union of the shards would.
+            process over the union of the shards would. A rank that raises (its data
+            loader fails mid-pass) makes every other rank raise a ``DistributedError``
+            quoting its error, then raises its own.
         group: The process group (default: the world).
+        timeout: With ``distributed=True``, how long each rank waits for the others at each
+            exchange and at the end (a ``timedelta`` or seconds) before raising a
+            ``DistributedError`` naming the absent ranks; default: the timeout ``group``
+            was created with. Ignored otherwise.
         progress: Show tqdm progress bars.
 
     Returns:
         A fitted :class:`~degen_hooks.InteractionBasis` with ``stats_`` (the statistics),
         ``timings_`` (seconds per pass) and, when rotated, ``output_rotation_``.
+
+    Raises:
+        ValueError: For an unknown ``variant`` or ``sections``, no sites, or ``data`` that
+            is a one-shot iterator while several passes are needed.
+        GradientError: If a backward pass is needed while gradients are disabled, or
+            gradients cannot reach a site (a frozen model, a site at the model input: pass
+            ``forward=lambda model, batch: model(batch.requires_grad_())``).
+        EmptyStatisticsError: If a site saw no samples, or a later pass saw no batches
+            (``data`` was exhausted by the first).
+        ShapeMismatchError: If ``sections=`` names unknown sites, or a site's activation
+            has no feature dimension (0-d).
+        DistributedError: With ``distributed=True``: if another rank raised, or did not
+            reach an exchange within ``timeout`` (see :func:`~degen_hooks.all_reduce_`).
 
     Examples:
         >>> import torch, degen_hooks as dh
@@ -144,12 +169,25 @@ def build_bases(
             f"sections= values must be (section, pre_activation_site) pairs whose section is an "
             f"MLPSection or has a gram_pass method (an AttentionSection), got {odd}."
         )
+    # Refuse what would fail only after the first (perhaps long) pass.
+    backward_keys = _backward_keys(variant, site_objs, sections)
+    n_closed = sum(isinstance(section, MLPSection) for section, _ in sections.values())
+    n_passes = {"local": 1 + len(site_objs) - n_closed, "global": 2}.get(variant, 1)
+    if n_passes > 1:  # pca / neuron (and all-closed-form local): one pass, any iterable
+        require_reiterable(data, caller="build_bases", n_passes=n_passes)
+    if backward_keys and not torch.is_grad_enabled():
+        raise GradientError(
+            f"build_bases(variant={variant!r}) takes the Jacobians of sites {backward_keys} by "
+            "backward passes, but gradients are disabled here (torch.no_grad() or "
+            "torch.inference_mode() is active). Call build_bases outside those blocks (its "
+            "activation pass already runs without gradients)."
+        )
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
 
     def combined(stats: _Combined) -> _Combined:
         if distributed:
-            all_reduce_(stats, group)
+            all_reduce_(stats, group, timeout=timeout)
         return stats
 
     # Pass 1: activation statistics of every site (and the output, and MLP derivatives).
@@ -168,6 +206,7 @@ def build_bases(
     with collect(model, pass_sites, derivatives=derivatives) as run:
         run.over(data, desc="activations", **common)
     stats = combined(run.stats)
+    _check_saw_samples(stats, keys)
     timings["activations"] = time.perf_counter() - started
 
     basis_variant = {"pca": "pca", "neuron": "neuron"}.get(variant, "lib")
@@ -188,9 +227,17 @@ def build_bases(
 
     if variant == "global":
         started = time.perf_counter()
-        with collect(model, site_objs, readout=readout, **target_kw, **probe_kw) as run:
-            run.over(data, desc="jacobians (global)", **common)
+        run = collect(model, site_objs, readout=readout, **target_kw, **probe_kw)
+        try:
+            with run:
+                run.over(data, desc="jacobians (global)", **common)
+        except GradientError as err:
+            teaching = _no_gradient_error(model, run)
+            if teaching is None:
+                raise
+            raise teaching from err
         combined(run.stats)
+        _check_pass_saw_batches("jacobians (global)", stats, run.stats, keys[0], data)
         timings["jacobians (global)"] = time.perf_counter() - started
         for site in site_objs:
             stats[site.key].grads = run.stats[site.key].grads
@@ -222,11 +269,21 @@ def build_bases(
                 model, data, site, _as_site(target), readout, **common
             )
             stats[site.key].grads = combined(gram)
+            if gram.n_samples == 0:
+                _check_pass_saw_batches(label, stats, Statistics(), site.key, data)
             label += " (closed form)"
         else:
-            with collect(model, [site], readout=readout, **target_kw, **probe_kw) as run:
-                run.over(data, desc=label, **common)
+            run = collect(model, [site], readout=readout, **target_kw, **probe_kw)
+            try:
+                with run:
+                    run.over(data, desc=label, **common)
+            except GradientError as err:
+                teaching = _no_gradient_error(model, run)
+                if teaching is None:
+                    raise
+                raise teaching from err
             combined(run.stats)
+            _check_pass_saw_batches(label, stats, run.stats, site.key, data)
             stats[site.key].grads = run.stats[site.key].grads
         basis.fit_site(site.key, stats[site.key])
         timings[label] = time.perf_counter() - started
@@ -244,6 +301,81 @@ def build_bases(
         table = getattr(basis, attr)
         setattr(basis, attr, {key: table[key] for key in keys})
     return _finish(basis, stats, timings, None if not rotate_output else out_rotation.rotation)
+
+
+def _backward_keys(
+    variant: str, site_objs: list[Site], sections: Mapping[str, tuple[Any, Any]]
+) -> list[str]:
+    """Sites whose Jacobians take backward passes (not a closed form, not a section pass)."""
+    if variant == "global":
+        return [s.key for s in site_objs]
+    if variant == "local":
+        return [s.key for s in site_objs if s.key not in sections]
+    return []
+
+
+def _check_saw_samples(stats: Statistics, keys: list[str]) -> None:
+    """After the activation pass: every site must have seen samples."""
+    for key in keys:
+        if stats[key].acts.n_samples == 0:
+            raise EmptyStatisticsError(
+                f"build_bases saw no samples at site {key!r} ({stats[key].n_batches} batches) "
+                "in its first pass over data: data is empty, or yields only empty batches (or, for "
+                "a site with positions=, batches without those positions). Pass batches of "
+                "model inputs, e.g. list(x.split(256))."
+            )
+
+
+def _check_pass_saw_batches(
+    label: str, first: Statistics, now: Statistics, key: str, data: Any
+) -> None:
+    """A later pass that saw no batch where the first saw some: ``data`` was exhausted."""
+    n_first = first[key].n_batches
+    if n_first and (key not in now or now[key].n_batches == 0):
+        raise EmptyStatisticsError(
+            f"build_bases pass {label!r} saw no batches, but data yielded {n_first} batches "
+            f"in the first pass: data ({type(data).__name__}) is exhausted after one pass. "
+            "Pass a re-iterable: a list of batches or a torch DataLoader."
+        )
+
+
+def _no_gradient_error(model: nn.Module, run: Any) -> GradientError | None:
+    """The error for a site that gradients did not reach, with advice a build_bases user can
+    follow, or ``None`` for another gradient error (raised unchanged).
+
+    ``collect``'s message advises changing the forward pass, which build_bases runs itself:
+    here the fix goes through ``forward=`` (or the model).
+    """
+    reasons = getattr(run, "_no_grad_reason", None) or {}
+    if not reasons:
+        return None
+    key, reason = next(iter(reasons.items()))
+    fix = (
+        "build_bases runs the forward passes itself, so make the input require grad "
+        "with forward=lambda model, batch: model(batch.requires_grad_()) (a "
+        "floating-point tensor batch; the Jacobians need no parameter gradients), or "
+        "unfreeze the model with model.requires_grad_(True)."
+    )
+    if "no_grad()" in reason or "inference_mode()" in reason:
+        why = (
+            "forward= ran the model without gradients (under torch.no_grad() or "
+            "torch.inference_mode()). Let forward= run the model with gradients enabled: "
+            "build_bases takes the Jacobians by backward passes through its forward passes."
+        )
+    elif not any(p.requires_grad for p in model.parameters()):
+        why = (
+            "the model is frozen (none of its parameters requires grad) and the batches do "
+            f"not require grad. {fix}"
+        )
+    else:
+        why = (
+            "nothing upstream of it requires grad: the site is at the model input, or "
+            f"everything before it is frozen (requires_grad=False). {fix}"
+        )
+    return GradientError(
+        f"build_bases cannot take the Jacobians of site {key!r}: no gradient reaches it, "
+        f"because {why}"
+    )
 
 
 def _is_section(section: Any) -> bool:

@@ -6,21 +6,28 @@ capture each site's gradient edge, and ``run.backward(output)`` pushes probe vec
 target back to every site (see :mod:`degen_hooks.jacobians`), accumulating Jacobian Grams.
 Every hook handle is owned by an ``ExitStack`` and removed on exit, even when the block
 raises; hooks never change what the model computes.
+
+A batch (one call of the model, plus its ``run.backward`` with Jacobians) updates every site
+or none: when it fails part-way, a :class:`~degen_hooks._journal.Journal` puts back the
+statistics of every site it touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ._accumulator import unusable_rows
 from ._backward import JacobianPass, first_tensor
-from ._checks import nonfinite_rows
+from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
 from ._errors import DegenHooksError, ShapeMismatchError
+from ._journal import Journal
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
 from .jacobians import Probe
@@ -100,6 +107,10 @@ class Collection(JacobianPass):
         self._pending_no_grad: set[str] = set()
         self._generator: torch.Generator | None = None
         self.sites: list[Site] = []
+        # All-or-nothing batches: what the current batch changed, and how deep the model's
+        # own forward call is (0 between batches).
+        self._journal: Journal | None = None
+        self._depth = 0
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> Collection:
@@ -121,6 +132,7 @@ class Collection(JacobianPass):
             target = resolve_sites(self.model, self._target_spec)[0]
         self.sites = [s for s, _ in resolved]
         self._init_stats(derivative_fns)
+        self._journal, self._depth = Journal(self.stats), 0
         stack = contextlib.ExitStack()
         try:
             for site, module in resolved:
@@ -129,6 +141,10 @@ class Collection(JacobianPass):
             if target is not None:
                 self._target_site = target[0]
                 stack.enter_context(_registered(target[1], target[0].io, self._target_hook))
+            # Registered last: the batch closes after every site hook (the model output's
+            # too); it opens before them (a prepended pre-hook).
+            boundaries = (self._batch_begins, self._batch_ends, self._abort_batch)
+            stack.enter_context(_batch_boundaries(self.model, *boundaries))
         except BaseException:
             stack.close()
             raise
@@ -139,6 +155,12 @@ class Collection(JacobianPass):
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
+        if self._journal is not None:
+            # A forward pass that began and never ended raised (and was perhaps caught):
+            # its batch is incomplete. Complete batches without a backward stay (warned).
+            if exc_type is not None or self._depth > 0:
+                self._abort_batch()
+            self._journal.commit()
         # Drop references to the autograd graph so its memory is freed with the block.
         pending = {k for k, v in self._captures.items() if v}
         self._captures.clear()
@@ -150,30 +172,49 @@ class Collection(JacobianPass):
         threshold = None
         if self.firing is not False:
             threshold = 0.0 if self.firing is True else float(self.firing)
-        for site in self.sites:
-            if site.key in self.stats:  # resuming into existing statistics
-                self._check_resumable(site.key, threshold, derivative_fns)
-                continue
-            kw = {"dtype": self.dtype, "nonfinite": self.nonfinite}
-            self.stats[site.key] = SiteStatistics(
-                acts=Covariance(**kw),
-                grads=SecondMoment(**kw) if self.jacobians is not None else None,
-                firing=CoFiring(threshold=threshold, **kw) if threshold is not None else None,
-                derivs=Covariance(**kw) if site.key in derivative_fns else None,
-                info=site.to_info(),
-            )
-        self.stats.metadata.update(
-            model=type(self.model).__name__,
-            sites=[s.key for s in self.sites],
-            jacobians=None if self.jacobians is None else self.jacobians.value,
-            n_probes=self.n_probes,
-            target=_describe(self._target_spec),
-            torch_version=torch.__version__,
+        kw = {"dtype": self.dtype, "nonfinite": self.nonfinite}
+        fresh = Statistics(
+            {
+                site.key: SiteStatistics(
+                    acts=Covariance(**kw),
+                    grads=SecondMoment(**kw) if self.jacobians is not None else None,
+                    firing=CoFiring(threshold=threshold, **kw) if threshold is not None else None,
+                    derivs=Covariance(**kw) if site.key in derivative_fns else None,
+                    info=site.to_info(),
+                )
+                for site in self.sites
+            },
+            dict(
+                model=type(self.model).__name__,
+                jacobians=None if self.jacobians is None else self.jacobians.value,
+                n_probes=self.n_probes,
+                target=_describe(self._target_spec),
+                readout=describe_readout(self.readout),
+                target_positions=describe_positions(self.target_positions),
+                torch_version=torch.__version__,
+            ),
         )
         if _is_transformer_lens(self.model):
             from .transformer_lens import record_metadata  # lazy: TransformerLens models only
 
-            record_metadata(self.stats, self.model, stacklevel=4)  # warns at the user's `with`
+            record_metadata(fresh, self.model, stacklevel=4)  # warns at the user's `with`
+        resumed = [key for key in fresh if key in self.stats]
+        for key in resumed:
+            self._check_resumable(key, threshold, derivative_fns)
+        if resumed:  # what the held numbers mean must be what this collection adds to them
+            check_compatible(
+                provenance(Statistics({k: self.stats[k] for k in resumed}, self.stats.metadata)),
+                provenance(Statistics({k: fresh[k] for k in resumed}, fresh.metadata)),
+                action="resume into the statistics passed as stats=",
+                fix="resume with the arguments of the original dh.collect(...) call.",
+            )
+        for key in fresh:
+            if key not in self.stats:
+                self.stats[key] = fresh[key]
+        calls = self.stats.metadata.get("n_backward_calls")
+        self.stats.metadata.update(fresh.metadata, sites=list(self.stats))
+        if calls is not None:
+            self.stats.metadata["n_backward_calls"] = calls
 
     def _check_resumable(
         self, key: str, threshold: float | None, derivative_fns: Mapping[str, Any]
@@ -199,16 +240,33 @@ class Collection(JacobianPass):
         key = site.key
 
         def hook(act: torch.Tensor) -> None:
+            try:
+                update(act)
+            except BaseException:
+                # Every site of the batch goes back to its state before the batch.
+                self._abort_batch()
+                raise
+            if self._depth == 0 and self.jacobians is None:
+                self._journal.commit()  # a submodule called on its own: its own batch
+
+        def update(act: torch.Tensor) -> None:
             site_stats = self.stats[key]
             mask = self._mask
             rows = site.rows(act.detach(), mask)
+            if rows.shape[0] == 0:
+                # No rows (an empty batch, a mask of padding only): no statistic changes and
+                # n_batches does not count it; run.backward() of its output still finds the
+                # edge, and adds nothing.
+                if self.jacobians is not None and act.requires_grad:
+                    edge = (get_gradient_edge(act), mask, act.shape, 0)
+                    self._captures.setdefault(key, []).append(edge)
+                return
+            self._journal.touch(key)
             try:
-                # The activation accumulator validates first (width, NaN/inf) and changes
-                # nothing when it refuses a batch, so the others only see accepted rows.
                 site_stats.acts.update(rows)
                 clean = rows
                 if self.nonfinite == "skip":
-                    clean = rows[~nonfinite_rows(rows)]
+                    clean = rows[~unusable_rows(rows, self.dtype)]
                 if site_stats.firing is not None:
                     site_stats.firing.update(clean)
                 if derivative is not None:
@@ -225,10 +283,30 @@ class Collection(JacobianPass):
                     self._captures.setdefault(key, []).append(capture)
                 else:
                     self._no_grad_batches[key] = self._no_grad_batches.get(key, 0) + 1
-                    self._no_grad_reason[key] = _why_no_grad()
+                    self._no_grad_reason[key] = _why_no_grad(self.model)
                     self._pending_no_grad.add(key)
 
         return hook
+
+    # -- batches: every site or none ----------------------------------------------------------
+    def _batch_begins(self) -> None:
+        if self._depth > 0 and not _inside_call_of(self.model):
+            # The model's last call never returned: it raised, and its batch is incomplete.
+            self._abort_batch()
+        self._depth += 1
+
+    def _batch_ends(self) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self.jacobians is None:
+            self._journal.commit()  # with Jacobians the batch ends with its run.backward()
+
+    def _abort_batch(self) -> None:
+        """Undo everything since the last complete batch (statistics and captured edges)."""
+        self._journal.rollback()
+        self._depth = 0
+        self._captures.clear()
+        self._target_captures.clear()
+        self._pending_no_grad.clear()
 
     def _target_hook(self, act: torch.Tensor) -> None:
         if act.requires_grad:
@@ -350,15 +428,82 @@ def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]
         handle.remove()
 
 
-def _why_no_grad() -> str:
-    """Why a site's activation does not require grad, as a sentence fragment."""
+@contextlib.contextmanager
+def _batch_boundaries(
+    model: nn.Module,
+    begins: Callable[[], None],
+    ends: Callable[[], None],
+    aborts: Callable[[], None],
+) -> Iterator[None]:
+    """Call ``begins`` before the model's own forward (before any other hook), and ``ends``
+    after it returned (after every site hook, the model output's included) or ``aborts``
+    when it raised an ``Exception`` (a ``KeyboardInterrupt`` is caught at the next call)."""
+    returned = [False]
+
+    def on_return(*_: Any) -> None:
+        returned[0] = True
+
+    def after(*_: Any) -> None:
+        # always_call: torch also runs this when the call raised an Exception (without
+        # running on_return), so a failed batch is undone at once.
+        ok, returned[0] = returned[0], False
+        (ends if ok else aborts)()
+
+    handles = [
+        model.register_forward_pre_hook(lambda *_: begins(), prepend=True),
+        model.register_forward_hook(on_return),
+        model.register_forward_hook(after, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _inside_call_of(model: nn.Module) -> bool:
+    """Whether an outer call of ``model`` is still running on this thread's stack (a model
+    that calls itself), as opposed to one that raised and left its batch unfinished.
+
+    Called from a pre-hook, so the call being started is on the stack too: look for two.
+    Only the rare case of a call starting while another is open walks the stack.
+    """
+    calls, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is model:
+            calls += 1
+        frame = frame.f_back
+    return calls >= 2
+
+
+def _why_no_grad(model: nn.Module | None = None) -> str:
+    """Why a site's activation does not require grad, and the fix, as a sentence fragment.
+
+    Args:
+        model: The collected model: when given, a frozen model is named as such.
+
+    Returns:
+        A fragment for a ``collect`` user, who runs the forward pass and can change it.
+    """
     if torch.is_inference_mode_enabled():
         return "the forward pass ran under torch.inference_mode()"
     if not torch.is_grad_enabled():
         return "the forward pass ran under torch.no_grad()"
+    # Jacobians need an autograd graph through the site, not parameter gradients: an input
+    # that requires grad builds one through a frozen model as well.
+    fix = (
+        "make the (floating-point) model input require grad, model(x.requires_grad_()), "
+        "or unfreeze the model with model.requires_grad_(True)"
+    )
+    if model is not None and not any(p.requires_grad for p in model.parameters()):
+        return (
+            "gradients were enabled, but the model is frozen (none of its parameters requires "
+            f"grad) and its input does not require grad: {fix}"
+        )
     return (
-        "gradients were enabled, but nothing upstream of it requires grad (for a site at "
-        "the model input, call x.requires_grad_() before the forward pass)"
+        "gradients were enabled, but nothing upstream of it requires grad: the site is at the "
+        "model input, or everything before it is frozen (requires_grad=False): "
+        f"{fix}"
     )
 
 

@@ -23,6 +23,7 @@ dimension of the Gauss-Newton matrix ``H_B = (2/n) sum_x J_w(x)^T J_w(x)`` (lib_
 from __future__ import annotations
 
 import html
+import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import EmptyStatisticsError
+from ._errors import EmptyStatisticsError, ShapeMismatchError
 from .gauss_newton import _EPS, BehaviouralNull, _behavioural, behavioural_null_dimension
 from .sites import _site_modules, _unwrap
 from .statistics import Statistics
@@ -281,6 +282,9 @@ def degeneracy_report(
     Raises:
         SiteNotFoundError: If a site in ``sites`` or ``next_widths`` has no statistics.
         EmptyStatisticsError: If a site has seen no samples.
+        ShapeMismatchError: If ``data`` does not fit the model: a width other than the
+            ``in_features`` of the model's first ``nn.Linear``, or a batch the model refuses
+            for its shape.
         ValueError: If ``data`` is given without ``model``, or a width is not positive.
 
     Examples:
@@ -311,7 +315,21 @@ def degeneracy_report(
     rows = [_site_row(stats, key, model, widths.get(key), rtol, tolerance) for key in keys]
     behavioural = None
     if model is not None and data is not None:
-        null_dim, n_params, singular_values, n_rows, used = _behavioural(model, data, params, rtol)
+        batches = [data] if isinstance(data, torch.Tensor) else list(data)  # iterated once
+        _check_data_width(model, batches)
+        try:
+            null_dim, n_params, _, n_rows, used = _behavioural(model, batches, params, rtol)
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
+            raise
+        except RuntimeError as err:
+            if not _SHAPE_WORDS.search(str(err)):
+                raise
+            shapes = [_shape_of(b) for b in batches[:3]] + (["..."] if len(batches) > 3 else [])
+            raise ShapeMismatchError(
+                f"The behavioural count could not run {type(model).__name__} on data= (batch "
+                f"shapes [{', '.join(shapes)}]): {err}. data= must hold the model's inputs, "
+                "batched as the model takes them (the inputs the statistics were collected on)."
+            ) from err
         behavioural = BehaviouralNull(
             null_dim=null_dim,
             n_params=n_params,
@@ -320,6 +338,43 @@ def degeneracy_report(
             rtol=used,
         )
     return DegeneracyReport(sites=rows, behavioural=behavioural)
+
+
+_SHAPE_WORDS = re.compile(r"shape|size|dimension", re.IGNORECASE)
+
+
+def _shape_of(batch: Any) -> str:
+    return str(tuple(batch.shape)) if isinstance(batch, torch.Tensor) else type(batch).__name__
+
+
+def _check_data_width(model: nn.Module, batches: list[Any]) -> None:
+    """Batches for the behavioural count must fit the model's first ``nn.Linear``, if any.
+
+    A mismatch otherwise surfaces as a matrix-product error from deep inside ``jacrev``.
+    """
+    first = _unwrap(model)[0]
+    while isinstance(first, nn.Sequential) and len(first):
+        first = first[0]
+    if not isinstance(first, nn.Linear):
+        return
+    expected = first.in_features
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+            continue
+        shape = tuple(batch.shape)
+        if batch.ndim < 2:
+            raise ShapeMismatchError(
+                f"data= holds a tensor of shape {shape}, but the behavioural count needs "
+                f"batches of model inputs, shape (n_samples, {expected}) for "
+                f"{type(model).__name__}: use x.unsqueeze(0) for one sample."
+            )
+        if shape[-1] != expected:
+            raise ShapeMismatchError(
+                f"data= has width {shape[-1]} (a batch of shape {shape}), but "
+                f"{type(model).__name__} starts with Linear(in_features={expected}): the "
+                "behavioural count runs the model on data=, so pass the model's inputs (those "
+                f"the statistics were collected on), shape (n_samples, {expected})."
+            )
 
 
 def _site_row(

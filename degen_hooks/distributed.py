@@ -14,25 +14,32 @@ of the union of all shards, exactly as if one process had seen every sample:
 All ranks end with bitwise-identical results: each computes them from the same reduced sums.
 
 Failures never hang. Before any data moves, the ranks meet in
-``torch.distributed.monitored_barrier`` (gloo) with ``timeout``: a rank that raised earlier,
-died or is stuck makes the others raise :class:`DistributedError` naming it within ``timeout``.
+``torch.distributed.monitored_barrier`` (gloo) with ``timeout`` (default: the timeout the
+process group was created with): a rank that raised earlier, died or is stuck makes the others
+raise :class:`DistributedError` naming it within ``timeout``. :func:`~degen_hooks.build_bases`
+goes further: a rank that raises mid-build (its data loader fails) joins the exchange the
+others wait in with its error, so they raise at once, quoting it.
 Then every rank contributes an error flag and a digest of its statistics' layout in one
 all-gather, so a rank whose statistics are invalid (wrong type, other sites, other widths or
 thresholds) makes *every* rank raise the same clear error instead of exchanging misaligned
-buffers. On NCCL, which has no monitored barrier, the process group's own ``timeout`` (set in
-``init_process_group``) bounds the wait.
+buffers. On NCCL, which has no monitored barrier, the first all-gather waits at most
+``timeout`` (but cannot name the absent ranks).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 
+from ._compatibility import first_difference, provenance
 from ._errors import DistributedError, ShapeMismatchError
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .statistics import SiteStatistics, Statistics
@@ -41,8 +48,32 @@ __all__ = ["DistributedError", "all_reduce_"]
 
 _T = TypeVar("_T", Covariance, SecondMoment, CoFiring, Statistics)
 _Acc = Covariance | SecondMoment | CoFiring
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# Bytes of each rank's error message in the arrival exchange (longer messages are cut).
+_MESSAGE_BYTES = 1024
+# The last error that left all_reduce_: every rank raised it too or times out, so an entry
+# point guarded by _guard_ranks must not announce it again (see _guard_ranks).
+_COLLECTIVE_ERROR: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "degen_hooks_collective_error", default=None
+)
 
 
+def _collective(func: _F) -> _F:
+    """Record every error that leaves ``func`` (a collective) in ``_COLLECTIVE_ERROR``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception as err:
+            _COLLECTIVE_ERROR.set(err)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_collective
 def all_reduce_(
     stats: _T,
     group: Any = None,
@@ -60,9 +91,13 @@ def all_reduce_(
             single :class:`~degen_hooks.Covariance`, :class:`~degen_hooks.SecondMoment` or
             :class:`~degen_hooks.CoFiring`.
         group: The ``torch.distributed`` process group; the default group when ``None``.
-        timeout: How long ranks wait for each other before raising (a ``timedelta`` or
-            seconds); default: the process group's timeout. Enforced by a gloo
-            ``monitored_barrier``; on other backends the process group's timeout applies.
+        timeout: How long a rank waits for the others to arrive before raising (a
+            ``timedelta`` or a positive number of seconds); default: the timeout ``group``
+            was created with (``init_process_group(timeout=...)`` or
+            ``new_group(timeout=...)``), not torch's 30-minute default. On gloo a
+            ``monitored_barrier`` enforces it and names the absent ranks; on NCCL the first
+            all-gather waits at most ``timeout``. Once every rank has arrived, the
+            exchanges themselves are bounded by the process group's timeout.
 
     Returns:
         ``stats`` itself, now holding the union (identical on every rank). A
@@ -72,6 +107,8 @@ def all_reduce_(
         DistributedError: If ``torch.distributed`` is not initialised, a rank did not arrive
             within ``timeout`` (it raised, died or hangs), the exchange failed, or ``stats``
             is of an unsupported type on some rank.
+        TypeError: If ``timeout`` is neither a number nor a ``timedelta``.
+        ValueError: If ``timeout`` is not positive.
         ShapeMismatchError: If ranks hold statistics of different sites, kinds, widths or
             firing thresholds (raised on every rank).
 
@@ -89,8 +126,7 @@ def all_reduce_(
             "all_reduce_ needs an initialised torch.distributed process group: call "
             "torch.distributed.init_process_group('gloo' or 'nccl', ...) on every rank first."
         )
-    if isinstance(timeout, (int, float)):
-        timeout = timedelta(seconds=float(timeout))
+    timeout = _timeout_of(dist, group, timeout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     try:
         entries = _entries(stats)
@@ -107,7 +143,10 @@ def all_reduce_(
     _arrive(dist, group, timeout, rank)
     # One all-gather of (error flag, layout digest) so that every rank takes the same branch.
     signature = _signature(entries)
-    header = torch.tensor([int(local_error is not None), signature], dtype=torch.int64)
+    record = provenance(stats) if isinstance(stats, Statistics) else None
+    header = torch.tensor(
+        [int(local_error is not None), signature, _digest(record)], dtype=torch.int64
+    )
     headers = _all_gather(dist, group, header, world, device, "status")
     failed = [r for r in range(world) if headers[r, 0] != 0]
     if failed:
@@ -127,6 +166,8 @@ def all_reduce_(
             f"{_describe(entries)}). Collect with the same sites, settings and firing "
             "threshold on every rank."
         )
+    if len(set(headers[:, 2].tolist())) > 1:
+        _refuse_other_settings(dist, group, record, headers[:, 2].tolist(), world, device, rank)
     _agree_on_widths(dist, group, entries, world, device, rank)
     _reduce(dist, group, entries, sites, device)
     return stats
@@ -158,6 +199,36 @@ def _signature(entries: Sequence[tuple[str, str, _Acc]]) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _digest(record: Any) -> int:
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _refuse_other_settings(
+    dist: Any,
+    group: Any,
+    record: dict[str, Any],
+    digests: list[int],
+    world: int,
+    device: torch.device,
+    rank: int,
+) -> None:
+    """Every rank knows the settings differ: share them, and raise naming both values."""
+    text = json.dumps(record, sort_keys=True).encode()
+    size = _all_gather(dist, group, torch.tensor([len(text)]), world, device, "settings")
+    buffer = torch.zeros(int(size.max()), dtype=torch.uint8)
+    buffer[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    texts = _all_gather(dist, group, buffer, world, device, "settings")
+    other = next(r for r in range(world) if digests[r] != digests[rank])
+    theirs = json.loads(bytes(texts[other, : int(size[other])].tolist()).decode())
+    where, ours, other_value = first_difference(record, theirs) or ("a setting", record, theirs)
+    raise ShapeMismatchError(
+        f"all_reduce_: ranks collected their statistics with different settings, so no rank "
+        f"changed its statistics: {where} is {ours!r} on rank {rank} and {other_value!r} on "
+        f"rank {other}. Call dh.collect(...) with the same arguments on every rank."
+    )
+
+
 def _describe(entries: Sequence[tuple[str, str, _Acc]]) -> str:
     return ", ".join(f"{key or '<accumulator>'}/{kind}(d={acc.d})" for key, kind, acc in entries)
 
@@ -169,21 +240,160 @@ def _communication_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _arrive(dist: Any, group: Any, timeout: timedelta | None, rank: int) -> None:
-    """Meet every rank, or raise naming the absent ones (gloo; other backends: no-op)."""
-    if str(dist.get_backend(group)) != "gloo":
+def _timeout_of(dist: Any, group: Any, timeout: timedelta | float | None) -> timedelta:
+    """``timeout`` as a ``timedelta``; ``None``: the timeout ``group`` was created with."""
+    if timeout is None:
+        return _group_timeout(dist, group)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
+        raise TypeError(
+            f"timeout must be a positive number of seconds or a datetime.timedelta, got "
+            f"{timeout!r} ({type(timeout).__name__})."
+        )
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"timeout must be a positive number of seconds or a datetime.timedelta, got "
+            f"{timeout!r}. Pass None for the process group's timeout."
+        )
+    return timedelta(seconds=seconds)
+
+
+def _group_timeout(dist: Any, group: Any) -> timedelta:
+    """The timeout given to ``init_process_group`` / ``new_group`` for ``group``."""
+    # monitored_barrier(timeout=None) would wait torch's default (30 min for gloo), not the
+    # group's own timeout; the group's backend keeps the latter in its options.
+    process_group = dist.group.WORLD if group is None else group
+    try:
+        backend = process_group._get_backend(_communication_device(dist, group))
+        timeout = backend.options._timeout
+    except (AttributeError, RuntimeError, TypeError):  # a backend without options
+        timeout = None
+    if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+        return timeout
+    return dist.distributed_c10d._get_default_timeout(dist.get_backend(group))
+
+
+def _arrive(
+    dist: Any,
+    group: Any,
+    timeout: timedelta,
+    rank: int,
+    error: BaseException | None = None,
+    caller: str = "all_reduce_",
+    place: str | None = None,
+) -> None:
+    """Meet every rank within ``timeout`` and share which ones failed before getting here.
+
+    ``caller`` names the public function in messages, ``place`` where ranks meet (default:
+    ``caller``).
+
+    Each rank contributes its error (``error``, or none) to one all-gather, so every rank takes
+    the same branch: if any rank failed, every rank raises.
+
+    Raises:
+        DistributedError: If a rank did not arrive within ``timeout`` (on gloo the message
+            names it), or, unless this rank brings an ``error`` of its own (it raises that
+            next), if any rank arrived with an error (the message quotes each one).
+    """
+    world = dist.get_world_size(group)
+    waited, place = f"{timeout.total_seconds():g} s", place or caller
+    unchanged = " No statistics were changed." if caller == "all_reduce_" else ""
+    late = (
+        f"{caller} on rank {rank}: not every rank reached {place} within {waited} ({{err}}). "
+        f"Another rank probably raised, died or hangs before the exchange: see its traceback."
+        f"{unchanged}"
+    )
+    if str(dist.get_backend(group)) == "gloo":  # names the absent ranks; NCCL has no such call
+        try:
+            dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as err:
+            raise DistributedError(late.format(err=err)) from err
+    text = b"" if error is None else f"{type(error).__name__}: {error}".encode()
+    text = text[: _MESSAGE_BYTES - 1]
+    local = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    local[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    device = _communication_device(dist, group)
+    parts = [torch.empty(_MESSAGE_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
+    try:
+        work = dist.all_gather(parts, local.to(device), group=group, async_op=True)
+        work.wait(timeout)
+    except RuntimeError as err:
+        raise DistributedError(late.format(err=err)) from err
+    messages = [bytes(part.cpu().tolist()).rstrip(b"\0") for part in parts]
+    failed = {r: m.decode(errors="replace") for r, m in enumerate(messages) if m}
+    if failed and error is None:
+        quoted = "; ".join(f"rank {r}: {message}" for r, message in failed.items())
+        raise DistributedError(
+            f"{caller} on rank {rank}: rank(s) {sorted(failed)} of {world} raised instead of "
+            f"reaching {place} ({quoted}), so every rank stops here.{unchanged} See the "
+            "traceback on those ranks."
+        )
+
+
+def _guard_ranks(func: _F) -> _F:
+    """Make a failure on one rank of ``func(..., distributed=True)`` fail every rank.
+
+    ``func`` is an entry point whose ``distributed=True`` runs call :func:`all_reduce_` with
+    its ``group=`` and ``timeout=`` keywords. When one rank raises between two exchanges (its
+    data loader fails mid-pass), it joins the exchange the other ranks wait in with its error,
+    so they raise a :class:`DistributedError` quoting it at once rather than after the timeout
+    (or, worse, meeting that rank's next exchange); it then raises its own error. Every rank
+    meets once more at the end, so a failure after the last exchange reaches the others too.
+    Errors that left :func:`all_reduce_` are not announced: every rank raised them already, or
+    raises them within the timeout.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("distributed", False):
+            return func(*args, **kwargs)
+        import torch.distributed as dist
+
+        group, timeout, name = kwargs.get("group"), kwargs.get("timeout"), func.__name__
+        token = _COLLECTIVE_ERROR.set(None)
+        try:
+            try:
+                result = func(*args, **kwargs)
+            except Exception as err:
+                if not _from_collective(err, _COLLECTIVE_ERROR.get()):
+                    _announce(dist, group, timeout, err, name)
+                raise
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+                waited = _timeout_of(dist, group, timeout)
+                rank, place = dist.get_rank(group), f"the end of {name}"
+                _arrive(dist, group, waited, rank, caller=name, place=place)
+            return result
+        finally:
+            _COLLECTIVE_ERROR.reset(token)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _from_collective(err: BaseException, collective: BaseException | None) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:  # the entry point may have re-raised it with context
+        if seen is collective:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _announce(dist: Any, group: Any, timeout: Any, error: Exception, caller: str) -> None:
+    """Tell the other ranks, waiting in their next exchange, that this rank raised ``error``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     try:
-        dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
-    except RuntimeError as err:
-        waited = (
-            "the process group's timeout" if timeout is None else f"{timeout.total_seconds():g} s"
+        _arrive(dist, group, _timeout_of(dist, group, timeout), dist.get_rank(group), error, caller)
+        return  # the others received this rank's error (and perhaps sent theirs)
+    except DistributedError as err:
+        note = (
+            f"{caller} could not tell the other ranks of this error ({err}); they raise a "
+            "DistributedError once their timeout expires."
         )
-        raise DistributedError(
-            f"all_reduce_ on rank {rank}: not every rank reached all_reduce_ within "
-            f"{waited} ({err}). Another rank probably raised, died or hangs before the "
-            "exchange: see its traceback. No statistics were changed."
-        ) from err
+    except (TypeError, ValueError) as err:  # an invalid timeout: the others time out
+        note = f"{caller} could not tell the other ranks of this error ({err})."
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
 
 
 def _all_gather(

@@ -103,6 +103,14 @@ class Site:
         Args:
             act: Activation of shape ``(batch, d)`` or ``(batch, pos, ..., d)``.
             mask: Optional boolean ``(batch, pos)`` mask; ``False`` positions are dropped.
+
+        Returns:
+            The rows, shape ``(n_samples, d_site)``; ``n_samples`` may be 0 (an empty batch,
+            a mask of padding only).
+
+        Raises:
+            ShapeMismatchError: For a 0-d ``act`` (a scalar such as a loss), or positions /
+                a mask that do not fit ``act``.
         """
         return select_positions(act, self.positions, mask, self.key).reshape(-1, act.shape[-1])
 
@@ -113,7 +121,19 @@ def select_positions(
     """Keep the chosen positions of ``act`` (dimension 1); returns ``(..., d)``.
 
     With a ``mask`` the result is already flattened to ``(n, d)``.
+
+    Raises:
+        ShapeMismatchError: For a 0-d ``act`` (a module returning one number, e.g. a loss),
+            positions or a mask on an activation without a position dimension, or positions
+            and masks that do not fit it.
     """
+    if act.ndim == 0:
+        raise ShapeMismatchError(
+            f"Site {key!r} produced a 0-d tensor (shape ()), one number such as a loss: it "
+            "has no samples and no features to take statistics of. Choose a site with a "
+            "feature dimension, shape (batch, ..., d_site), e.g. the module whose output it "
+            'reduces; list the sites with dh.find_sites(model, "*").'
+        )
     has_pos = act.ndim >= 3
     if (positions is not None or mask is not None) and not has_pos:
         raise ShapeMismatchError(
@@ -152,7 +172,8 @@ def select_positions(
 
 def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice | torch.Tensor:
     if isinstance(positions, str):
-        return -1
+        # "last" of no positions (an empty sequence) is no rows, as with a padding-only mask.
+        return -1 if n_pos else slice(0, 0)
     if isinstance(positions, int):
         if not -n_pos <= positions < n_pos:
             raise ShapeMismatchError(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ._checks import closest
+from ._compatibility import check_compatible, provenance
 from ._errors import ShapeMismatchError, SiteNotFoundError
 from .accumulators import CoFiring, Covariance, SecondMoment
 
@@ -37,7 +38,8 @@ class SiteStatistics:
         grads: Jacobian Gram ``M' = E[sum_k g_k g_k^T]`` of the site, or ``None``.
         firing: Co-firing counts (``pre-activation > threshold``), or ``None``.
         derivs: Moments of the activation derivative ``sigma'(z)``, or ``None``.
-        n_batches: Forward passes that reached the site.
+        n_batches: Forward passes that reached the site with rows (empty batches, and batches
+            that failed part-way, are not counted).
         info: JSON-able description (site name, io, positions, Jacobian target).
     """
 
@@ -74,6 +76,18 @@ class SiteStatistics:
         """An independent copy."""
         copies = {k: v.copy() for k, v in self.accumulators().items()}
         return SiteStatistics(**copies, n_batches=self.n_batches, info=dict(self.info))
+
+    def _assign(self, other: SiteStatistics) -> None:
+        """Take the state of ``other`` (which is consumed), keeping this object and each of
+        its accumulators as objects, so references a user holds stay valid."""
+        for kind, acc in other.accumulators().items():
+            current = getattr(self, kind)
+            if current is None:
+                setattr(self, kind, acc)
+            else:
+                current.__dict__.clear()
+                current.__dict__.update(acc.__dict__)
+        self.n_batches, self.info = other.n_batches, other.info
 
     def __repr__(self) -> str:
         parts = [f"d_site={self.d_site}", f"n_samples={self.acts.n_samples}"]
@@ -117,19 +131,36 @@ class Statistics(Mapping[str, SiteStatistics]):
     def merge(self, other: Statistics) -> Statistics:
         """Merge ``other`` site by site (``other`` unchanged); returns ``self``.
 
+        All or nothing: every site is merged into a copy first, so a refusal changes nothing.
+        The metadata keeps describing the contents (``n_backward_calls`` adds up).
+
         Raises:
-            ShapeMismatchError: If the two hold different sites or widths.
+            ShapeMismatchError: If the two hold different sites or widths, or were collected
+                with different settings (probes, target, readout, positions, modules,
+                accumulators, firing threshold): the message names the setting and both values.
         """
         if set(other) != set(self):
             raise ShapeMismatchError(
                 f"Cannot merge statistics of sites {sorted(other)} into statistics of sites "
                 f"{sorted(self)}: collect both runs over the same sites."
             )
+        check_compatible(
+            provenance(self),
+            provenance(other),
+            action="merge these statistics",
+            fix="collect both runs with the same dh.collect(...) arguments.",
+        )
+        merged = {}
         for key in self:
             try:
-                self[key].merge(other[key])
+                merged[key] = self[key].copy().merge(other[key])
             except ShapeMismatchError as err:
                 raise ShapeMismatchError(f"Site {key!r}: {err}") from err
+        for key, site in merged.items():
+            self[key]._assign(site)
+        calls = self.metadata.get("n_backward_calls", 0) + other.metadata.get("n_backward_calls", 0)
+        if calls:
+            self.metadata["n_backward_calls"] = calls
         return self
 
     def copy(self) -> Statistics:

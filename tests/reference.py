@@ -29,12 +29,30 @@ from degen_hooks.sites import _site_modules  # TransformerLens bridges: aliases 
 
 __all__ = [
     "activations",
+    "assert_spectrum_close",
     "cells",
     "covariance",
     "jacobian_gram",
     "second_moment",
     "site_jacobians",
 ]
+
+
+def assert_spectrum_close(
+    got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-9, what: str = "spectrum"
+) -> None:
+    """Eigenvalues agree relative to the largest one: ``max |got - want| <= rtol * max |want|``.
+
+    Small eigenvalues carry rounding of the size of the largest one times eps (which depends
+    on the BLAS kernel and the thread count), so an elementwise relative test of them is a
+    test of the machine, not of the library.
+    """
+    assert got.shape == want.shape, f"{what}: shapes {tuple(got.shape)} vs {tuple(want.shape)}"
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    error = float((got - want).abs().max()) if want.numel() else 0.0
+    assert error <= rtol * scale, (
+        f"{what}: max difference {error:.3g} exceeds {rtol:g} x largest value {scale:.3g}"
+    )
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._batches import require_reiterable
 from .._checks import check_fitted
 from .._errors import NotFittedError
 from ..basis import InteractionBasis
@@ -280,6 +281,7 @@ def min_edges(
     Returns:
         A :class:`MinEdgesResult`.
     """
+    require_reiterable(data, caller="min_edges")
     key = graph.pair(pair)
     edges = graph.edges_[key]
     call = forward or (lambda m, batch: m(batch))

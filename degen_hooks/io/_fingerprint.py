@@ -69,7 +69,11 @@ def check_fingerprint(obj_or_metadata: Any, model: torch.nn.Module) -> None:
         meta = obj_or_metadata
     else:
         meta, where = {}, f"this {type(obj_or_metadata).__name__}"
-    saved = meta.get("model_fingerprint")
+    _check_recorded(meta.get("model_fingerprint"), model, where)
+
+
+def _check_recorded(saved: Any, model: torch.nn.Module, where: str) -> None:
+    """Raise unless ``saved``, the fingerprint recorded for ``where``, is ``model``'s."""
     if saved is None:
         raise FormatError(
             f"No model fingerprint is recorded for {where}, so it cannot be checked. Save with "
@@ -78,7 +82,7 @@ def check_fingerprint(obj_or_metadata: Any, model: torch.nn.Module) -> None:
     current = fingerprint(model)
     if saved != current:
         raise FormatError(
-            f"{where} was computed on a model with fingerprint {saved[:23]}..., but this "
+            f"{where} was computed on a model with fingerprint {str(saved)[:23]}..., but this "
             f"{type(model).__name__} has {current[:23]}...: the parameters differ (another "
             "checkpoint or seed, weights processed differently (fold_ln, centering), or another "
             "dtype). Use the model the result was computed on."

@@ -85,10 +85,12 @@ def test_hooks_removed_when_block_raises(exc):
     counts = hook_counts(model)
     with pytest.raises(exc):
         with dh.collect(model, ["0", dh.Site("2", io="input")], jacobians="rademacher") as run:
-            model(x)
+            run.backward(model(x))
+            model(x)  # a batch left without its backward when the block raises
             raise exc("boom")
     assert hook_counts(model) == counts
-    assert run.stats["0"].acts.n_samples == 8  # what was collected stays valid
+    # What was collected stays valid: the complete batch, not the unfinished one.
+    assert run.stats["0"].acts.n_samples == run.stats["0"].grads.n_samples == 8
 
 
 def test_no_grad_inference_mode_and_inplace_relu():

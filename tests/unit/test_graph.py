@@ -27,6 +27,7 @@ from degen_hooks.graph import (
     top_edges_mask,
 )
 from tests.cases import deep_linear, inputs, position_mixer, relu_mlp
+from tests.reference import assert_spectrum_close
 
 matplotlib.use("Agg")
 
@@ -74,7 +75,7 @@ def test_edges_match_brute_force_jacobians(mlp_graph):
 def test_linear_section_column_sums_equal_lambda_and_relu_does_not(mlp_graph):
     _, _, basis, graph = mlp_graph
     sums = graph.edges_[("3", "output")].sum(0)  # T6: Linear(6, 3) after site "3"
-    torch.testing.assert_close(sums, basis.lambdas_["3"], rtol=1e-9, atol=0)
+    assert_spectrum_close(sums, basis.lambdas_["3"], rtol=1e-9)
     ratio = graph.edges_[("1", "3")].sum(0) / basis.lambdas_["1"]  # Linear + ReLU
     assert (ratio - 1).abs().max() > 0.05
 
@@ -87,10 +88,10 @@ def test_deep_linear_edges_are_diagonal_with_lambda():
     graph = InteractionGraph().fit(model, basis, x.split(200), output=True, progress=False)
     lam = basis.lambdas_["0"]
     assert graph.output_rotation_ is not None
-    torch.testing.assert_close(graph.lambdas_["output"], lam, rtol=1e-9, atol=0)
+    assert_spectrum_close(graph.lambdas_["output"], lam, rtol=1e-9)
     for pair in graph.pairs_:  # T3: identity map between layers, E = diag(Lambda)
         edges = graph.edges_[pair]
-        torch.testing.assert_close(torch.diagonal(edges), lam, rtol=1e-9, atol=0)
+        assert_spectrum_close(torch.diagonal(edges), lam, rtol=1e-9)
         off = edges - torch.diag(torch.diagonal(edges))
         assert float(off.abs().max()) < 1e-12 * float(lam.max())
 

@@ -167,7 +167,7 @@ def test_unreadable_tensor_file_is_refused_even_with_a_matching_checksum(saved: 
     tensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     meta = json.loads((saved / "meta.json").read_text())
     meta["tensors"].update(bytes=tensors.stat().st_size, sha256=io._sha256(tensors))
-    (saved / "meta.json").write_text(json.dumps(meta))
+    io._write_metadata(saved, meta)  # checksummed: a consistent but bad save
     with pytest.raises(dh.FormatError, match="safetensors cannot read it"):
         io.load(saved)
 
@@ -175,7 +175,7 @@ def test_unreadable_tensor_file_is_refused_even_with_a_matching_checksum(saved: 
 def test_tensors_that_do_not_match_the_layout_are_refused(saved: Path) -> None:
     meta = json.loads((saved / "meta.json").read_text())
     meta["layout"]["sites"]["1"]["accumulators"]["acts"]["d"] = 99
-    (saved / "meta.json").write_text(json.dumps(meta))
+    io._write_metadata(saved, meta)  # checksummed: a consistent but bad save
     with pytest.raises(dh.FormatError, match="cannot rebuild the Statistics.*width 8"):
         io.load(saved)
 
@@ -210,7 +210,7 @@ def test_newer_format_version_is_refused_with_upgrade_advice(saved: Path) -> Non
 def test_unknown_type_is_refused(saved: Path) -> None:
     meta = json.loads((saved / "meta.json").read_text())
     meta["type"] = "QuantumBasis"
-    (saved / "meta.json").write_text(json.dumps(meta))
+    io._write_metadata(saved, meta)  # checksummed, as a newer degen_hooks would write it
     with pytest.raises(dh.FormatError, match="'QuantumBasis', a type this degen_hooks does not"):
         io.load(saved)
 

@@ -525,5 +525,5 @@ def test_nan_gradient_skipped_and_counted(poisoned_model):
         run.backward(model(x))
     grads = run.stats["0"].grads
     assert grads.n_skipped == 2 * 3  # two samples x three exact probes
-    assert grads.n_samples == 8
+    assert grads.n_samples == 6 and grads.count == 6  # the Gram is a mean over clean samples
     assert torch.isfinite(grads.second_moment()).all()

@@ -22,8 +22,11 @@ from ._errors import (
     SaveError,
     SaveExistsError,
     ShapeMismatchError,
+    SiteNotFiredError,
     SiteNotFoundError,
+    SiteNotWritableError,
     StatisticsTooLargeError,
+    UnsupportedDtypeError,
 )
 
 # Node ablation
@@ -116,4 +119,7 @@ __all__ = [
     "ShapeMismatchError",
     "SiteNotFoundError",
     "StatisticsTooLargeError",
+    "SiteNotFiredError",
+    "SiteNotWritableError",
+    "UnsupportedDtypeError",
 ]

@@ -17,6 +17,7 @@ import torch
 
 from ._checks import nonfinite_rows
 from ._errors import GradientError, NonFiniteError
+from ._hooks import find_element
 from .accumulators import SecondMoment
 from .jacobians import probe_chunks, vjp_batched
 
@@ -28,13 +29,8 @@ _AUTO_CHUNK_ELEMENTS = {"cuda": 1 << 21, "cpu": 1 << 19}
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor in a module output: itself, a tuple's first tensor, or ``.logits``."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((v for v in value if isinstance(v, torch.Tensor)), None)
-    logits = getattr(value, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else None
+    """The tensor in a model output: itself, a tuple's first tensor, or ``logits``."""
+    return find_element(value)[0]
 
 
 class JacobianPass:

@@ -21,6 +21,9 @@ from ._errors import ShapeMismatchError
 
 __all__ = ["check_compatible", "describe_readout", "provenance"]
 
+# Site fields beyond module, io and positions that choose the tensor read (Site.to_info).
+_SITE_FIELDS = ("arg", "element", "call", "feature_axis")
+
 # Collection settings (in Statistics.metadata) that change what the numbers mean. A key
 # missing from a file counts as None, the value collect() records for "not used".
 _SETTINGS = ("model", "jacobians", "n_probes", "target", "readout", "target_positions")
@@ -67,6 +70,8 @@ def provenance(stats: Any) -> dict[str, Any]:
             "module": site.info.get("name"),
             "io": site.info.get("io"),
             "positions": _jsonable(site.info.get("positions")),
+            # Which tensor of the module (absent in saves from before these fields: None).
+            **{field: site.info.get(field) for field in _SITE_FIELDS},
             "statistics": sorted(accs),
             "firing threshold": None if site.firing is None else site.firing.threshold,
             "dtype": sorted({str(acc.dtype) for acc in accs.values()}),

@@ -20,7 +20,9 @@ __all__ = [
     "SaveExistsError",
     "ShapeMismatchError",
     "SiteNotFoundError",
+    "SiteNotFiredError",
     "StatisticsTooLargeError",
+    "UnsupportedDtypeError",
 ]
 
 
@@ -38,6 +40,18 @@ class SiteNotFoundError(DegenHooksError, KeyError):
 
 class ShapeMismatchError(DegenHooksError, ValueError):
     """Widths, shapes or sites that must agree do not."""
+
+
+class SiteNotWritableError(DegenHooksError, ValueError):
+    """A write at a site could not reach every consumer of its tensor (refused instead)."""
+
+
+class UnsupportedDtypeError(DegenHooksError, TypeError):
+    """A site's tensor is complex or integer: it has no real features to take moments of."""
+
+
+class SiteNotFiredError(DegenHooksError, RuntimeError):
+    """A requested site was not reached by a forward pass of the model."""
 
 
 class NonFiniteError(DegenHooksError, ValueError):

@@ -18,25 +18,27 @@ import torch
 from torch import nn
 
 from ._batches import require_reiterable
+from ._hooks import SiteHook
 from .basis import InteractionBasis, _keep_index
-from .sites import Site, _position_index, resolve_sites
+from .sites import Site, _position_index, resolve_bypass, resolve_sites
 
 __all__ = ["AblationCurve", "ablate", "node_ablation_curve"]
 
 
 def _project(
-    act: torch.Tensor, projector: torch.Tensor, mean: torch.Tensor, positions: Any
+    act: torch.Tensor, projector: torch.Tensor, mean: torch.Tensor, site: Site
 ) -> torch.Tensor:
     def rewrite(x: torch.Tensor) -> torch.Tensor:
         x64 = x.to(torch.float64)
         return ((x64 - mean) @ projector + mean).to(x.dtype)
 
-    if positions is None or act.ndim < 3:
-        return rewrite(act)
-    out = act.clone()
-    index = _position_index(positions, act.shape[1], "ablation")
-    out[:, index] = rewrite(act[:, index])
-    return out
+    features = site.features_last(act)
+    if site.positions is None or features.ndim < 3:
+        return site.restore_axis(rewrite(features))
+    out = features.clone()
+    index = _position_index(site.positions, features.shape[1], site.key)
+    out[:, index] = rewrite(features[:, index])
+    return site.restore_axis(out)
 
 
 @contextlib.contextmanager
@@ -49,6 +51,11 @@ def ablate(
     drop: Sequence[int] | None = None,
 ) -> Iterator[None]:
     """Keep only some features of ``basis`` at ``site`` while the block runs.
+
+    The site's tensor is rewritten where every consumer sees it: the element of a
+    structured output or the argument that was read, at the call that was read, and on a
+    residual stream whose skip connection bypasses the hooked module (a TransformerLens
+    bridge's ``hook_resid_mid``) in the skip connection as well.
 
     Args:
         model: The model the basis was fitted on.
@@ -83,30 +90,11 @@ def ablate(
 
     def rewrite(act: torch.Tensor) -> torch.Tensor:
         dev = act.device
-        return _project(act, projector.to(dev), mean.to(dev), resolved.positions)
+        return _project(act, projector.to(dev), mean.to(dev), resolved)
 
-    if resolved.io == "output":
-
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            if isinstance(output, torch.Tensor):
-                return rewrite(output)
-            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-                return (rewrite(output[0]), *output[1:])
-            return output
-
-        handle = module.register_forward_hook(hook)
-    else:
-
-        def pre_hook(_module: nn.Module, args: Any) -> Any:
-            if args and isinstance(args[0], torch.Tensor):
-                return (rewrite(args[0]), *args[1:])
-            return args
-
-        handle = module.register_forward_pre_hook(pre_hook)
-    try:
+    bypass = resolve_bypass(model, resolved)
+    with SiteHook(model, resolved, module, rewrite, writes=True, bypass=bypass):
         yield
-    finally:
-        handle.remove()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -24,9 +25,10 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ._accumulator import unusable_rows
-from ._backward import JacobianPass, first_tensor
+from ._backward import JacobianPass
 from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
-from ._errors import DegenHooksError, ShapeMismatchError
+from ._errors import DegenHooksError, ShapeMismatchError, SiteNotFiredError
+from ._hooks import SiteHook
 from ._journal import Journal
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
@@ -111,6 +113,11 @@ class Collection(JacobianPass):
         # own forward call is (0 between batches).
         self._journal: Journal | None = None
         self._depth = 0
+        # The site hooks, and whether a complete forward pass has been checked yet (every
+        # site fired, at how many calls).
+        self._site_hooks: list[SiteHook] = []
+        self._checked_pass = False
+        self._warned_axis: set[str] = set()
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> Collection:
@@ -133,14 +140,16 @@ class Collection(JacobianPass):
         self.sites = [s for s, _ in resolved]
         self._init_stats(derivative_fns)
         self._journal, self._depth = Journal(self.stats), 0
+        self._site_hooks, self._checked_pass, self._warned_axis = [], False, set()
         stack = contextlib.ExitStack()
         try:
             for site, module in resolved:
                 hook = self._make_hook(site, derivative_fns.get(site.key))
-                stack.enter_context(_registered(module, site.io, hook))
+                hooked = stack.enter_context(SiteHook(self.model, site, module, hook))
+                self._site_hooks.append(hooked)
             if target is not None:
                 self._target_site = target[0]
-                stack.enter_context(_registered(target[1], target[0].io, self._target_hook))
+                stack.enter_context(SiteHook(self.model, *target, self._target_hook))
             # Registered last: the batch closes after every site hook (the model output's
             # too); it opens before them (a prepended pre-hook).
             boundaries = (self._batch_begins, self._batch_ends, self._abort_batch)
@@ -252,6 +261,15 @@ class Collection(JacobianPass):
         def update(act: torch.Tensor) -> None:
             site_stats = self.stats[key]
             mask = self._mask
+            if site.feature_axis is None and act.ndim >= 4 and key not in self._warned_axis:
+                self._warned_axis.add(key)
+                warnings.warn(
+                    f"Site {key!r} has activations of shape {tuple(act.shape)}: its features "
+                    f"are taken on the last axis ({act.shape[-1]}) and every other axis "
+                    "becomes samples. For a conv feature map (N, C, H, W) the features are "
+                    f"the channels: Site({site.name!r}, feature_axis=1).",
+                    stacklevel=2,
+                )
             rows = site.rows(act.detach(), mask)
             if rows.shape[0] == 0:
                 # No rows (an empty batch, a mask of padding only): no statistic changes and
@@ -297,8 +315,45 @@ class Collection(JacobianPass):
 
     def _batch_ends(self) -> None:
         self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and not self._checked_pass:
+            self._checked_pass = True
+            try:
+                self._check_first_pass()
+            except BaseException:
+                self._abort_batch()
+                raise
         if self._depth == 0 and self.jacobians is None:
             self._journal.commit()  # with Jacobians the batch ends with its run.backward()
+
+    def _check_first_pass(self) -> None:
+        """After the first forward pass: every site fired; warn of a module called twice."""
+        silent = [h for h in self._site_hooks if not h.shapes]
+        if silent:
+            lines = []
+            for hook in silent:
+                calls = (
+                    f"its module ran {hook.calls} time(s), but call={hook.site.call} was asked"
+                    if hook.calls
+                    else "its module never ran"
+                )
+                lines.append(f"{hook.site.key!r} ({calls})")
+            raise SiteNotFiredError(
+                f"The first forward pass of {type(self.model).__name__} did not reach site(s) "
+                f"{', '.join(lines)}; the other sites fired. Their statistics would stay empty. "
+                "Check that the model's forward runs these modules (a TransformerLens bridge "
+                "alias that never fires is a known TransformerLens bug: use its component "
+                "path, listed by dh.find_sites(model, '*')), or drop them from the sites."
+            )
+        for hook in self._site_hooks:
+            if len(hook.shapes) > 1 and hook.site.call is None:
+                shapes = ", ".join(str(s) for s in hook.shapes[:4])
+                warnings.warn(
+                    f"Site {hook.site.key!r}: its module ran {len(hook.shapes)} times in one "
+                    f"forward pass (shapes {shapes}); the statistics merge every call. Read "
+                    f"one call with Site({hook.site.name!r}, call=0) (or 1, ...), or pass "
+                    "call='all' to merge them without this warning.",
+                    stacklevel=4,
+                )
 
     def _abort_batch(self) -> None:
         """Undo everything since the last complete batch (statistics and captured edges)."""
@@ -332,6 +387,7 @@ class Collection(JacobianPass):
         batches: Iterable[Any],
         *,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         progress: bool = True,
         desc: str = "collect",
     ) -> Collection:
@@ -340,6 +396,9 @@ class Collection(JacobianPass):
         Args:
             batches: Any iterable of model inputs.
             forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+            mask: ``mask(batch) -> (batch, pos)`` boolean tensor of the positions to keep
+                (padding is ``False``), set for each batch as :meth:`set_mask` does, e.g.
+                ``lambda batch: batch["attention_mask"]``; cleared after the loop.
             progress: Show a tqdm progress bar.
             desc: Label of the progress bar.
 
@@ -350,12 +409,18 @@ class Collection(JacobianPass):
 
         call = forward or (lambda model, batch: model(batch))
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-        for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
-            if self.jacobians is None:
-                with torch.no_grad():
-                    call(self.model, batch)
-            else:
-                self.backward(call(self.model, batch))
+        try:
+            for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+                if mask is not None:
+                    self.set_mask(mask(batch))
+                if self.jacobians is None:
+                    with torch.no_grad():
+                        call(self.model, batch)
+                else:
+                    self.backward(call(self.model, batch))
+        finally:
+            if mask is not None:
+                self.set_mask(None)
         return self
 
 
@@ -401,31 +466,6 @@ def collect(
         torch.Size([4, 4])
     """
     return Collection(model, sites, **kwargs)
-
-
-@contextlib.contextmanager
-def _registered(module: nn.Module, io: str, hook: Callable[[torch.Tensor], None]):
-    """Register a read-only hook on a module's output (or input) for the block's duration."""
-    if io == "output":
-
-        def forward_hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            act = first_tensor(output)
-            if act is not None:
-                hook(act)
-
-        handle = module.register_forward_hook(forward_hook)
-    else:
-
-        def pre_hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
-            act = first_tensor(args) if args else first_tensor(list(kwargs.values()))
-            if act is not None:
-                hook(act)
-
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -476,6 +516,20 @@ def _inside_call_of(model: nn.Module) -> bool:
     return calls >= 2
 
 
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether this call runs inside the forward of a reentrant checkpoint (on the stack)."""
+    from torch.utils import checkpoint
+
+    forward = getattr(getattr(checkpoint, "CheckpointFunction", None), "forward", None)
+    code = getattr(forward, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _why_no_grad(model: nn.Module | None = None) -> str:
     """Why a site's activation does not require grad, and the fix, as a sentence fragment.
 
@@ -485,6 +539,15 @@ def _why_no_grad(model: nn.Module | None = None) -> str:
     Returns:
         A fragment for a ``collect`` user, who runs the forward pass and can change it.
     """
+    if _inside_reentrant_checkpoint():
+        return (
+            "the site runs inside reentrant activation checkpointing "
+            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), whose forward runs "
+            "without gradients and whose backward cannot be differentiated to a site. Use "
+            "use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})), or collect activations "
+            "only with jacobians=None"
+        )
     if torch.is_inference_mode_enabled():
         return "the forward pass ran under torch.inference_mode()"
     if not torch.is_grad_enabled():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hooks import SiteHook
 from .ablation import AblationCurve, node_ablation_curve
 from .basis import InteractionBasis
 from .build import build_bases
@@ -153,14 +154,11 @@ def fourier_summary(
 
 def _site_acts(model: nn.Module, site: Site, tokens: torch.Tensor) -> torch.Tensor:
     acts: list[torch.Tensor] = []
-    ((_, module),) = resolve_sites(model, [site])  # a bridge's hook aliases too
-    handle = module.register_forward_hook(lambda _m, _a, out: acts.append(out.detach()))
-    try:
+    ((resolved, module),) = resolve_sites(model, [site])  # a bridge's hook aliases too
+    with SiteHook(model, resolved, module, lambda act: acts.append(act.detach())):
         with torch.no_grad():
             for batch in tokens.split(4096):
                 model(batch)
-    finally:
-        handle.remove()
     act = torch.cat(acts)
     return act[:, -1] if site.positions == "last" else act
 

@@ -2,16 +2,18 @@
 
 A site is a module's output (or input) addressed by its dotted ``named_modules()`` path,
 e.g. ``"layers.1"`` or, on a TransformerLens model, ``"blocks.0.mlp.hook_post"`` (HookPoints
-are modules, so no special case is needed). A site may keep only some token positions; all
-leading dimensions (batch, positions, ...) are flattened into samples, the last dimension is
-the site's width ``d_site``.
+are modules, so no special case is needed). A site may name one element of a structured
+output, one argument of the input, one call of a module called several times, and the axis
+holding its features; it may keep only some token positions. All other dimensions (batch,
+positions, ...) are flattened into samples; the feature axis is the site's width ``d_site``.
+Reading and writing a site go through one mechanism, :class:`degen_hooks._hooks.SiteHook`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -19,9 +21,9 @@ import torch
 from torch import nn
 
 from ._checks import closest
-from ._errors import ShapeMismatchError, SiteNotFoundError
+from ._errors import ShapeMismatchError, SiteNotFoundError, UnsupportedDtypeError
 
-__all__ = ["Site", "find_sites", "resolve_sites"]
+__all__ = ["Site", "find_sites", "resolve_bypass", "resolve_sites"]
 
 Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
 _GLOB_CHARS = "*?["
@@ -29,12 +31,12 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class Site:
-    """One place to read activations.
+    """One place to read (and write) activations.
 
     Args:
         name: Dotted module path from ``model.named_modules()``.
-        io: ``"output"`` (default) reads what the module returns; ``"input"`` reads its
-            first positional argument.
+        io: ``"output"`` (default) reads what the module returns; ``"input"`` reads one of
+            its arguments.
         positions: Token positions to keep from activations shaped
             ``(batch, pos, ..., d)``: ``None`` (all), ``"last"``, an ``int``, a ``slice``, a
             sequence of ints, or a boolean tensor of shape ``(pos,)``. A per-batch boolean
@@ -42,18 +44,43 @@ class Site:
             ``"last"`` means each row's last unmasked position.
         label: Key of the site's statistics; defaults to ``name`` (``name + ":input"`` for
             inputs).
+        arg: With ``io="input"``: the argument to read, a keyword name (``"hidden_states"``,
+            found whether it is passed by keyword or by position) or a position. Default:
+            the first positional tensor, else the only tensor passed by keyword.
+        element: With ``io="output"``: the element of a tuple, list (an index), dict or
+            Hugging Face ``ModelOutput`` (a key) to read. Default: the tensor itself, the
+            first tensor of a tuple or list, or ``logits``.
+        call: For a module called several times in one forward pass: ``None`` (default)
+            reads every call and warns, ``"all"`` reads every call silently, an ``int``
+            reads only that call (0 is the first).
+        feature_axis: The axis holding the features, e.g. ``1`` for a conv feature map
+            ``(N, C, H, W)``; the others become samples, and ``positions`` index axis 1 once
+            the feature axis is moved last. Default: the last axis (an activation with 4 or
+            more dimensions warns).
+        bypass: A module name whose output this site's tensor also reaches through a
+            residual skip connection (``"blocks.0.hook_out"``). Reads ignore it; a write at
+            the site (``ablate``, graph edges) adds its change to that output as well, so it
+            reaches every consumer. Set for you on a TransformerLens bridge's
+            ``hook_resid_mid``, which is the input of ``ln2``.
 
     Examples:
         >>> Site("blocks.0.hook_resid_mid", positions="last").key
         'blocks.0.hook_resid_mid'
         >>> Site("layers.1", io="input").key
         'layers.1:input'
+        >>> Site("features.0", feature_axis=1).rows(torch.zeros(2, 3, 4, 5)).shape
+        torch.Size([40, 3])
     """
 
     name: str
     io: str = "output"
     positions: Positions = field(default=None, compare=False)
     label: str | None = None
+    arg: int | str | None = field(default=None, kw_only=True)
+    element: int | str | None = field(default=None, kw_only=True)
+    call: int | str | None = field(default=None, kw_only=True)
+    feature_axis: int | None = field(default=None, kw_only=True)
+    bypass: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.io not in ("output", "input"):
@@ -63,6 +90,21 @@ class Site:
                 f"Site.positions must be None, 'last', an int, a slice, a sequence of ints "
                 f"or a boolean tensor, got {self.positions!r}."
             )
+        if self.arg is not None and self.io != "input":
+            raise ValueError(
+                f"Site.arg={self.arg!r} names an input argument: use it with io='input' (for "
+                "an element of the output, use element=)."
+            )
+        if self.element is not None and self.io != "output":
+            raise ValueError(
+                f"Site.element={self.element!r} names an element of the output: use it with "
+                "io='output' (for an input argument, use arg=)."
+            )
+        call = self.call
+        if not (call is None or call == "all" or (isinstance(call, int) and call >= 0)):
+            raise ValueError(f"Site.call must be None, 'all' or a call index >= 0, got {call!r}.")
+        if self.feature_axis is not None and not isinstance(self.feature_axis, int):
+            raise ValueError(f"Site.feature_axis must be an int, got {self.feature_axis!r}.")
 
     @property
     def key(self) -> str:
@@ -73,7 +115,7 @@ class Site:
         return name if self.io == "output" else f"{name}:input"
 
     def to_info(self) -> dict[str, Any]:
-        """A JSON-able description (name, io, positions, label); see :meth:`from_info`."""
+        """A JSON-able description (name, io, positions, label, ...); see :meth:`from_info`."""
         positions = self.positions
         if isinstance(positions, slice):
             positions = f"slice({positions.start}, {positions.stop}, {positions.step})"
@@ -81,7 +123,10 @@ class Site:
             positions = positions.tolist()
         elif positions is not None and not isinstance(positions, (int, str)):
             positions = list(positions)
-        return {"name": self.name, "io": self.io, "positions": positions, "label": self.label}
+        info = {"name": self.name, "io": self.io, "positions": positions, "label": self.label}
+        # Only what differs from the defaults: older saves read the same.
+        info.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})
+        return info
 
     @classmethod
     def from_info(cls, info: dict[str, Any], key: str | None = None) -> Site:
@@ -95,13 +140,48 @@ class Site:
             io=info.get("io", "output"),
             positions=positions,
             label=key if key is not None else info.get("label"),
+            **{k: info[k] for k in _OPTIONAL if info.get(k) is not None},
         )
+
+    def features_last(self, act: torch.Tensor) -> torch.Tensor:
+        """``act`` with the feature axis moved last (a view; ``act`` if it is last already).
+
+        Raises:
+            UnsupportedDtypeError: For complex or integer activations.
+            ShapeMismatchError: If the feature axis does not exist.
+        """
+        if act.is_complex() or not act.is_floating_point():
+            raise UnsupportedDtypeError(
+                f"Site {self.key!r} produced a {act.dtype} tensor of shape "
+                f"{tuple(act.shape)}. Statistics are real float64 moments: "
+                + (
+                    "the imaginary part would be dropped. Read the real and imaginary parts "
+                    "as features: add a module computing torch.view_as_real(x).flatten(-2), "
+                    "or read a real-valued site."
+                    if act.is_complex()
+                    else "integers (token ids, indices) are not features. Read the module "
+                    "that turns them into vectors, e.g. the embedding's output."
+                )
+            )
+        if self.feature_axis is None or act.ndim == 0:
+            return act
+        if not -act.ndim <= self.feature_axis < act.ndim:
+            raise ShapeMismatchError(
+                f"Site {self.key!r} has feature_axis={self.feature_axis}, but its activation "
+                f"has shape {tuple(act.shape)} ({act.ndim} axes)."
+            )
+        return act.movedim(self.feature_axis, -1)
+
+    def restore_axis(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`features_last`: the feature axis goes back to its place."""
+        return x if self.feature_axis is None else x.movedim(-1, self.feature_axis)
 
     def rows(self, act: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Select positions and flatten ``act`` to rows, shape ``(n_samples, d_site)``.
 
         Args:
-            act: Activation of shape ``(batch, d)`` or ``(batch, pos, ..., d)``.
+            act: Activation of shape ``(batch, d)`` or ``(batch, pos, ..., d)`` (features on
+                ``feature_axis``).
             mask: Optional boolean ``(batch, pos)`` mask; ``False`` positions are dropped.
 
         Returns:
@@ -111,8 +191,14 @@ class Site:
         Raises:
             ShapeMismatchError: For a 0-d ``act`` (a scalar such as a loss), or positions /
                 a mask that do not fit ``act``.
+            UnsupportedDtypeError: For complex or integer activations.
         """
+        act = self.features_last(act)
         return select_positions(act, self.positions, mask, self.key).reshape(-1, act.shape[-1])
+
+
+# Site fields saved in its info only when set.
+_OPTIONAL = ("arg", "element", "call", "feature_axis", "bypass")
 
 
 def select_positions(
@@ -193,14 +279,34 @@ def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice |
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """DDP / DataParallel wrap the model as ``.module``; return the inner one and prefix."""
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ in (
-        "DistributedDataParallel",
-        "DataParallel",
-    ):
-        return inner, "module."
+    """The module that holds the sites, and the prefix its names carry in ``model``.
+
+    DDP / DataParallel wrap the model as ``.module``; ``torch.compile`` as ``._orig_mod``.
+    Hooks go on the inner modules, which the wrapper runs (compiled code included).
+    """
+    for wrapper, attribute in _WRAPPERS.items():
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, nn.Module) and type(model).__name__ == wrapper:
+            deeper, prefix = _unwrap(inner)
+            return deeper, f"{attribute}.{prefix}"
     return model, ""
+
+
+_WRAPPERS = {
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "OptimizedModule": "_orig_mod",
+}
+
+
+def _strip(name: str, prefix: str, modules: Mapping[str, nn.Module]) -> str:
+    """A name written with a wrapper's prefix (``module.1``, ``_orig_mod.1``) or without."""
+    while prefix and name not in modules:
+        head = prefix.split(".", 1)[0] + "."
+        if not name.startswith(head):
+            break
+        name, prefix = name[len(head) :], prefix[len(head) :]
+    return name
 
 
 def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str]:
@@ -215,7 +321,8 @@ def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str
         pattern: A glob pattern or several; ``"*"`` lists every site.
 
     Returns:
-        Matching dotted names (a DDP wrapper's ``module.`` prefix is dropped).
+        Matching dotted names (a DDP wrapper's ``module.`` and a ``torch.compile`` wrapper's
+        ``_orig_mod.`` prefixes are dropped; patterns may carry them).
 
     Raises:
         SiteNotFoundError: If a pattern matches nothing.
@@ -226,13 +333,14 @@ def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str
         >>> find_sites(model, "*")
         ['0', '1', '2']
     """
-    inner, _ = _unwrap(model)
+    inner, prefix = _unwrap(model)
     modules = _site_modules(inner)
     names = [name for name in modules if name]
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     found: list[str] = []
     seen: set[int] = set()
     for pat in patterns:
+        pat = pat[len(prefix) :] if prefix and pat.startswith(prefix) else pat
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             raise SiteNotFoundError(_not_found_message(model, pat, names))
@@ -279,10 +387,9 @@ def resolve_sites(
         else:
             expanded = [item if isinstance(item, Site) else Site(item)]
         for site in expanded:
-            name = asked = site.name
-            if prefix and name not in modules and name.startswith(prefix):
-                # DDP: "module.1" and "1" are one site, stored under the unwrapped name.
-                name = name[len(prefix) :]
+            asked = site.name
+            name = _strip(asked, prefix, modules)
+            if name != asked:  # "module.1" and "1" are one site, stored under "1"
                 site = dataclasses.replace(site, name=name)
             # The root ("") is reachable only through an explicit Site(""): the model output.
             if name not in modules or (not name and not isinstance(item, Site)):
@@ -296,6 +403,35 @@ def resolve_sites(
             "Site(..., label='...') if you want several views of one module."
         )
     return resolved
+
+
+def resolve_bypass(model: nn.Module, site: Site) -> nn.Module | None:
+    """The module whose output a write at ``site`` must change too (see ``Site.bypass``).
+
+    ``site.bypass`` when set; else what the model's family says (a TransformerLens bridge's
+    ``hook_resid_mid``); else ``None``.
+
+    Raises:
+        SiteNotFoundError: If the bypass names no module of ``model``.
+        SiteNotWritableError: If the family refuses writes at the site.
+    """
+    inner, prefix = _unwrap(model)
+    name = site.bypass
+    if name is None and _is_transformer_lens(inner):
+        from .transformer_lens import write_bypass  # lazy: only TransformerLens models
+
+        name = write_bypass(inner, _strip(site.name, prefix, _site_modules(inner)))
+    if name is None:
+        return None
+    modules = _site_modules(inner)
+    found = modules.get(_strip(name, prefix, modules))
+    if found is None:
+        raise SiteNotFoundError(
+            f"Site {site.key!r} names bypass={name!r}, which is no module of "
+            f"{type(model).__name__}. "
+            + _not_found_message(model, name, [n for n in modules if n]).split(". ", 1)[-1]
+        )
+    return found
 
 
 def _not_found_message(model: nn.Module, name: str, names: list[str]) -> str:

@@ -11,7 +11,7 @@ site has been reached (an exception raised in the target's hook, as in baukit's 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,9 @@ from torch import nn
 
 from .._backward import first_tensor as _first_tensor
 from .._errors import GradientError, ShapeMismatchError
+from .._hooks import SiteHook, in_backward
 from ..basis import InteractionBasis
-from ..sites import Positions, Site, _position_index, resolve_sites
+from ..sites import Positions, Site, _position_index, resolve_bypass, resolve_sites
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -77,8 +78,12 @@ class NodeLayer:
         index = _position_index(self.positions, act.shape[1], self.key)
         return torch.arange(act.shape[1], device=act.device)[index].reshape(-1)
 
+    def _features_last(self, act: torch.Tensor) -> torch.Tensor:
+        return act if self.site is None else self.site.features_last(act)
+
     def features(self, act: torch.Tensor) -> torch.Tensor:
         """Features at the layer's positions, float64, shape ``(batch, n_positions, r)``."""
+        act = self._features_last(act)
         index = self._index(act)
         selected = act if index is None else act[:, index]
         x = selected.reshape(act.shape[0], -1, act.shape[-1]).to(torch.float64)
@@ -104,53 +109,18 @@ class NodeLayer:
         x = features if self.pinv is None else features @ self.pinv.to(features.device)
         if self.mean is not None:
             x = x + self.mean.to(x.device)
-        index = self._index(act)
+        moved = self._features_last(act)
+        index = self._index(moved)
         if index is None:
-            return x.reshape(act.shape).to(act.dtype)
-        out = act.detach().clone()
-        out[:, index] = x.reshape(out[:, index].shape).to(act.dtype)
-        return out
+            out = x.reshape(moved.shape).to(act.dtype)
+        else:
+            out = moved.detach().clone()
+            out[:, index] = x.reshape(out[:, index].shape).to(act.dtype)
+        return out if self.site is None else self.site.restore_axis(out)
 
 
 class _Stop(Exception):  # noqa: N818 - control flow, never escapes run_section
     """Raised in the target's hook to end the forward pass early."""
-
-
-@contextlib.contextmanager
-def _hooked(module: nn.Module, io: str, fn: Callable[[torch.Tensor], Any]) -> Iterator[None]:
-    """Call ``fn(act)`` on a module's output (or first input); a returned tensor replaces it."""
-    if io == "output":
-
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            act = _first_tensor(output)
-            if act is None:
-                return None
-            new = fn(act)
-            if new is None:
-                return None
-            if isinstance(output, torch.Tensor):
-                return new
-            if isinstance(output, tuple) and output and output[0] is act:
-                return (new, *output[1:])
-            raise ShapeMismatchError(
-                f"Cannot replace the output of {type(_module).__name__}: it is not a tensor "
-                "or a tuple starting with one. Choose a site whose output is a tensor."
-            )
-
-        handle = module.register_forward_hook(hook)
-    else:
-
-        def pre_hook(_module: nn.Module, args: Any) -> Any:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return None
-            new = fn(args[0])
-            return None if new is None else (new, *args[1:])
-
-        handle = module.register_forward_pre_hook(pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def run_section(
@@ -168,7 +138,7 @@ def run_section(
         batch: One batch.
         forward: ``forward(model, batch) -> output``.
         rewrites: ``{name: (site, fn)}``; ``fn(act)`` returns the replacement activation
-            (applied at the first call of the site's module in the pass).
+            (the site's call: a module that runs several times must name one, ``call=``).
         target: Stop the pass as soon as this site is produced and return its activation;
             ``None`` runs the whole model and returns its output.
 
@@ -183,21 +153,34 @@ def run_section(
     captured: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:
         for name, (site, fn) in (rewrites or {}).items():
-            resolved = resolve_sites(model, [site])[0]
+            resolved, module = resolve_sites(model, [site])[0]
 
-            def rewrite(act: torch.Tensor, name: str = name, fn: Callable = fn) -> Any:
+            def rewrite(
+                act: torch.Tensor, name: str = name, fn: Callable = fn, site: Site = resolved
+            ) -> Any:
+                if in_backward():  # a checkpoint recomputing the pass: write it again
+                    return fn(act)
                 fired[name] = fired.get(name, 0) + 1
-                return fn(act) if fired[name] == 1 else None
+                if fired[name] > 1:
+                    raise ShapeMismatchError(
+                        f"Site {name!r}: its module ran more than once in one forward pass, "
+                        "so a node layer there is ambiguous. Choose one call with "
+                        f"Site({site.name!r}, call=0) (or 1, ...) when collecting."
+                    )
+                return fn(act)
 
-            stack.enter_context(_hooked(resolved[1], resolved[0].io, rewrite))
+            bypass = resolve_bypass(model, resolved)
+            stack.enter_context(
+                SiteHook(model, resolved, module, rewrite, writes=True, bypass=bypass)
+            )
         if target is not None:
-            resolved_target = resolve_sites(model, [target])[0]
+            resolved_target, target_module = resolve_sites(model, [target])[0]
 
             def capture(act: torch.Tensor) -> None:
                 captured.append(act)
                 raise _Stop
 
-            stack.enter_context(_hooked(resolved_target[1], resolved_target[0].io, capture))
+            stack.enter_context(SiteHook(model, resolved_target, target_module, capture))
         try:
             output = forward(model, batch)
         except _Stop:

@@ -91,10 +91,8 @@ def _layers(
     pinv = None if rotation is None else torch.linalg.pinv(rotation.to(torch.float64))
     rotation = None if rotation is None else rotation.to(torch.float64)
     name = info.get("name")
-    spec = Site.from_info(
-        {"name": name or "", "io": info.get("io") or "output", "positions": info.get("positions")},
-        key=pair[1],
-    )
+    fields = {k: v for k, v in info.items() if k not in ("key", "label") and v is not None}
+    spec = Site.from_info({**fields, "name": name or ""}, key=pair[1])
     site = spec if name is not None else None
     return src, NodeLayer(pair[1], site, spec.positions, rotation, pinv, None)
 

@@ -444,14 +444,10 @@ def _output_layer(
 
 
 def _describe_output(layer: NodeLayer) -> dict[str, Any]:
+    if layer.site is not None:
+        return {"key": layer.key, **layer.site.to_info()}
     positions = Site("", positions=layer.positions).to_info()["positions"]
-    site = layer.site
-    return {
-        "key": layer.key,
-        "name": None if site is None else site.name,
-        "io": None if site is None else site.io,
-        "positions": positions,
-    }
+    return {"key": layer.key, "name": None, "io": None, "positions": positions}
 
 
 def fit_graphs(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ._attention import AttentionSection, attention_section, attention_section_sites
 from ._mlp import mlp_section, mlp_section_sites, mlp_sites
-from ._names import is_bridge, is_transformer_lens, resolve_alias, site_modules
+from ._names import is_bridge, is_transformer_lens, resolve_alias, site_modules, write_bypass
 from ._processing import ProcessedWeightsWarning, processing_flags, record_metadata
 from ._sections import find_sections
 
@@ -48,4 +48,5 @@ __all__ = [
     "record_metadata",
     "resolve_alias",
     "site_modules",
+    "write_bypass",
 ]

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .._errors import ShapeMismatchError
+from .._hooks import SiteHook
 from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
 from ._mlp import _norm_weight
@@ -335,12 +336,10 @@ class AttentionSection:
         with ExitStack() as stack:
             for name in self._captures:
 
-                def keep(
-                    module: nn.Module, args: Any, output: torch.Tensor, name: str = name
-                ) -> None:
-                    captured[name] = output.detach()
+                def keep(act: torch.Tensor, name: str = name) -> None:
+                    captured[name] = act.detach()
 
-                stack.callback(modules[name].register_forward_hook(keep).remove)
+                stack.enter_context(SiteHook(model, Site(name), modules[name], keep))
             total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
             for batch in tqdm(
                 data,

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .._errors import SiteNotFoundError
+from .._errors import SiteNotFoundError, SiteNotWritableError
 from ..sites import _is_transformer_lens, _unwrap
 
 # Children through which a TransformerBridge reaches the wrapped model a second time.
@@ -131,6 +131,54 @@ def resolve_alias(model: nn.Module, name: str) -> str | None:
     for path, module in _component_paths(inner).items():
         if module is hook:
             return None if path == name else path
+    return None
+
+
+def write_bypass(model: nn.Module, name: str) -> str | None:
+    """The residual-stream HookPoint a write at ``name`` must also change, on a bridge.
+
+    A ``TransformerBridge`` block reads ``hook_resid_mid`` at ``ln2``'s input
+    (``blocks.{i}.ln2.hook_in``), but its skip connection around the MLP adds the tensor
+    from before that hook: a write there reaches only the MLP branch. On
+    ``HookedTransformer`` the same write also reaches ``hook_resid_post``. So a write at that
+    HookPoint adds its change to the block's output (``blocks.{i}.hook_out``) as well
+    (:class:`~degen_hooks.Site`'s ``bypass``).
+
+    Args:
+        model: Any model (a DDP wrapper is looked through).
+        name: The site's module name (an alias or a component path).
+
+    Returns:
+        ``"blocks.{i}.hook_out"`` for a write at a bridge block's ``hook_resid_mid``;
+        ``None`` where a write reaches every consumer by itself.
+
+    Raises:
+        SiteNotWritableError: For ``hook_resid_mid`` of a block whose layout is not the
+            sequential pre-norm one (a post-norm or parallel block), where no write there
+            can be made to agree with ``HookedTransformer``.
+    """
+    inner, _ = _unwrap(model)
+    if not is_bridge(inner):
+        return None
+    modules = _component_paths(inner)
+    module = site_modules(inner).get(name)
+    for index in range(len(getattr(inner, "blocks", []))):
+        if modules.get(f"blocks.{index}.ln2.hook_in") is not module or module is None:
+            continue
+        block = modules[f"blocks.{index}"]
+        sequential = (
+            type(block).__name__ == "BlockBridge"
+            and not getattr(block, "mlp_reads_resid_directly", False)
+            and f"blocks.{index}.mlp" in modules
+        )
+        if not sequential:
+            raise SiteNotWritableError(
+                f"Site {name!r} reads block {index}'s residual stream at ln2's input, but "
+                f"that block ({type(block).__name__}) is not a sequential pre-norm block: a "
+                "write there would not reach its residual connection. Write at "
+                f"'blocks.{index}.hook_resid_pre' or 'blocks.{index}.hook_resid_post' instead."
+            )
+        return f"blocks.{index}.hook_out"
     return None
 
 

@@ -102,6 +102,9 @@ class Collection(JacobianPass):
         self.stats = stats if stats is not None else Statistics()
         self._stack: contextlib.ExitStack | None = None
         self._mask: torch.Tensor | None = None
+        # Forward passes the current mask has served, and whether it is meant for every pass.
+        self._mask_passes = 0
+        self._mask_every_pass = False
         self._captures: dict[str, list[tuple[Any, torch.Tensor | None, Any]]] = {}
         self._target_captures: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._no_grad_batches: dict[str, int] = {}
@@ -311,6 +314,17 @@ class Collection(JacobianPass):
         if self._depth > 0 and not _inside_call_of(self.model):
             # The model's last call never returned: it raised, and its batch is incomplete.
             self._abort_batch()
+        if self._depth == 0 and self._mask is not None:
+            self._mask_passes += 1
+            if self._mask_passes == 2 and not self._mask_every_pass:
+                warnings.warn(
+                    "The mask set with run.set_mask() is used by a second forward pass: a "
+                    "padding mask belongs to one batch, and a stale one selects the wrong "
+                    "positions of a batch of the same shape. Call run.set_mask(mask) before "
+                    "each forward pass (or pass mask= to run.over), or "
+                    "run.set_mask(mask, every_pass=True) for a mask meant for every pass.",
+                    stacklevel=3,
+                )
         self._depth += 1
 
     def _batch_ends(self) -> None:
@@ -369,13 +383,17 @@ class Collection(JacobianPass):
             # otherwise make us differentiate the overwritten tensor.
             self._target_captures.append((act.clone(), self._mask))
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
+    def set_mask(self, mask: torch.Tensor | None, *, every_pass: bool = False) -> None:
         """Keep only the ``True`` positions (shape ``(batch, pos)``) in following passes.
 
-        Use it for padding: ``run.set_mask(attention_mask.bool())`` before each forward.
-        ``None`` clears the mask.
+        Use it for padding: ``run.set_mask(attention_mask.bool())`` before each forward
+        (``run.over(..., mask=...)`` does it for you). A mask left over from an earlier batch
+        would silently select the wrong positions of a batch of the same shape, so a mask
+        used by a second forward pass warns, unless ``every_pass=True`` says it is meant
+        for every pass. ``None`` clears the mask.
         """
         self._mask = None if mask is None else torch.as_tensor(mask).bool()
+        self._mask_passes, self._mask_every_pass = 0, every_pass
 
     # -- Jacobians ------------------------------------------------------------------------
     def _site(self, key: str) -> Site:
@@ -431,8 +449,9 @@ def collect(
 
     Args:
         model: Any ``nn.Module``: plain PyTorch, TransformerLens, DDP-wrapped.
-        sites: Site names (dotted ``named_modules()`` paths or globs) or
-            :class:`~degen_hooks.Site` objects.
+        sites: Site names (dotted ``named_modules()`` paths or globs), filters over names
+            (``lambda name: ...``), modules of the model, or :class:`~degen_hooks.Site`
+            objects; one or a list.
         **kwargs: Keyword-only settings:
 
             * ``jacobians``: ``None`` (default, activations only), ``"exact"``,

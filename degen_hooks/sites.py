@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -309,16 +309,21 @@ def _strip(name: str, prefix: str, modules: Mapping[str, nn.Module]) -> str:
     return name
 
 
-def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str]:
-    """List module names of ``model`` matching glob pattern(s), in ``named_modules()`` order.
+def find_sites(
+    model: nn.Module, pattern: str | Callable[[str], bool] | Iterable[Any] = "*"
+) -> list[str]:
+    """List module names of ``model`` matching pattern(s), in ``named_modules()`` order.
 
-    ``*`` matches any run of characters, dots included (``"blocks.*.mlp.hook_post"``).
-    On a TransformerLens ``TransformerBridge`` the hook aliases (``blocks.0.mlp.hook_post``)
-    are names too; a module matched under several names is listed once, under the first.
+    A pattern is a glob (``*`` matches any run of characters, dots included:
+    ``"blocks.*.mlp.hook_post"``), a callable filter over names (TransformerLens's
+    ``names_filter`` habit: ``lambda name: name.endswith("hook_post")``) or a module of the
+    model. On a TransformerLens ``TransformerBridge`` the hook aliases
+    (``blocks.0.mlp.hook_post``) are names too; a module matched under several names is
+    listed once, under the first.
 
     Args:
         model: Any ``nn.Module`` (TransformerLens models included).
-        pattern: A glob pattern or several; ``"*"`` lists every site.
+        pattern: A glob, a filter, a module, or several of them; ``"*"`` lists every site.
 
     Returns:
         Matching dotted names (a DDP wrapper's ``module.`` and a ``torch.compile`` wrapper's
@@ -332,23 +337,61 @@ def find_sites(model: nn.Module, pattern: str | Iterable[str] = "*") -> list[str
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> find_sites(model, "*")
         ['0', '1', '2']
+        >>> find_sites(model, lambda name: name != "1"), find_sites(model, model[1])
+        (['0', '2'], ['1'])
     """
     inner, prefix = _unwrap(model)
     modules = _site_modules(inner)
     names = [name for name in modules if name]
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    single = isinstance(pattern, (str, nn.Module)) or callable(pattern)
+    patterns = [pattern] if single else list(pattern)  # type: ignore[arg-type]
     found: list[str] = []
     seen: set[int] = set()
     for pat in patterns:
-        pat = pat[len(prefix) :] if prefix and pat.startswith(prefix) else pat
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            raise SiteNotFoundError(_not_found_message(model, pat, names))
+        hits = _matches(model, pat, names, modules, prefix)
         for hit in hits:  # one name per module: a bridge hook matches as path and alias
             if id(modules[hit]) not in seen:
                 seen.add(id(modules[hit]))
                 found.append(hit)
     return found
+
+
+def _matches(
+    model: nn.Module,
+    pattern: Any,
+    names: list[str],
+    modules: Mapping[str, nn.Module],
+    prefix: str,
+) -> list[str]:
+    """The names one pattern (glob, filter or module) matches; raises if none."""
+    if isinstance(pattern, nn.Module):
+        hits = [n for n in names if modules[n] is pattern][:1]
+        if not hits:
+            raise SiteNotFoundError(
+                f"The module {type(pattern).__name__} passed as a site is not a submodule of "
+                f"{type(model).__name__} (the root itself is Site('')). Pass a module of this "
+                'model, or list the sites with dh.find_sites(model, "*").'
+            )
+        return hits
+    if callable(pattern):
+        hits = [n for n in names if pattern(n)]
+        if not hits:
+            raise SiteNotFoundError(
+                f"The site filter {getattr(pattern, '__name__', repr(pattern))} matched none "
+                f"of the {len(names)} site names of {type(model).__name__}. List them with "
+                'dh.find_sites(model, "*").'
+            )
+        return hits
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"A site pattern is a glob string, a callable filter over names or a module, got "
+            f"{type(pattern).__name__}."
+        )
+    pattern = pattern[len(prefix) :] if prefix and pattern.startswith(prefix) else pattern
+    hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise SiteNotFoundError(_not_found_message(model, pattern, names))
+    return hits
 
 
 def _is_transformer_lens(model: nn.Module) -> bool:
@@ -365,10 +408,8 @@ def _site_modules(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
 
-def resolve_sites(
-    model: nn.Module, sites: str | Site | Iterable[str | Site]
-) -> list[tuple[Site, nn.Module]]:
-    """Turn names, globs and :class:`Site` objects into ``(site, module)`` pairs.
+def resolve_sites(model: nn.Module, sites: Any) -> list[tuple[Site, nn.Module]]:
+    """Turn names, globs, filters, modules and :class:`Site` objects into ``(site, module)``.
 
     Raises:
         SiteNotFoundError: For a name that is no module of ``model``, with suggestions.
@@ -377,12 +418,18 @@ def resolve_sites(
     inner, prefix = _unwrap(model)
     modules = _site_modules(inner)
     names = [n for n in modules if n]
-    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    single = isinstance(sites, (str, Site, nn.Module)) or callable(sites)
+    items = [sites] if single else list(sites)
     if not items:
         raise ValueError("No sites given. List candidates with dh.find_sites(model, '*').")
     resolved: list[tuple[Site, nn.Module]] = []
     for item in items:
-        if isinstance(item, str) and any(c in item for c in _GLOB_CHARS):
+        patterned = isinstance(item, str) and any(c in item for c in _GLOB_CHARS)
+        if (
+            patterned
+            or isinstance(item, nn.Module)
+            or (callable(item) and not isinstance(item, str))
+        ):
             expanded = [Site(n) for n in find_sites(inner, item)]
         else:
             expanded = [item if isinstance(item, Site) else Site(item)]

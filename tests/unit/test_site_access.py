@@ -385,3 +385,49 @@ def test_a_compiled_model_is_read_and_written_after_its_first_call(name):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), before, rtol=0, atol=0)
     assert "forward" in compiled.__dict__  # compiled again after the blocks
+
+
+# -- sites the way people name them ----------------------------------------------------------
+def test_sites_as_modules_and_name_filters():
+    model = SharedReLU().double().eval()
+    assert dh.find_sites(model, model.b) == ["b"]
+    assert dh.find_sites(model, lambda name: name in ("a", "b")) == ["a", "b"]
+    with dh.collect(model, [model.a, lambda name: name == "b"]) as run, torch.no_grad():
+        model(x_batch())
+    assert list(run.stats) == ["a", "b"]
+    with pytest.raises(dh.SiteNotFoundError, match="not a submodule"):
+        dh.find_sites(model, nn.Linear(2, 2))
+    with pytest.raises(dh.SiteNotFoundError, match="matched none of the 3 site names"):
+        dh.find_sites(model, lambda name: name.startswith("z"))
+
+
+class PositionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+
+def test_a_stale_mask_warns_and_over_sets_one_mask_per_batch():
+    model = PositionModel().double()
+    batches = [torch.randn(2, 4, 2, dtype=torch.float64) for _ in range(3)]
+    masks = [torch.rand(2, 4, generator=torch.Generator().manual_seed(i)) > 0.4 for i in range(3)]
+    with dh.collect(model, ["embed"]) as run, torch.no_grad():
+        run.set_mask(masks[0])
+        model(batches[0])
+        with pytest.warns(UserWarning, match="second forward pass"):
+            model(batches[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dh.collect(model, ["embed"]) as run:
+            pairs = list(zip(batches, masks, strict=True))
+            run.over(pairs, forward=lambda m, b: m(b[0]), mask=lambda b: b[1], progress=False)
+        with dh.collect(model, ["embed"]) as fixed, torch.no_grad():
+            fixed.set_mask(masks[0], every_pass=True)
+            model(batches[0])
+            model(batches[0])
+    rows = torch.cat([model.embed(x)[m] for x, m in zip(batches, masks, strict=True)]).detach()
+    torch.testing.assert_close(run.stats["embed"].acts.mean(), rows.mean(0), rtol=1e-12, atol=0)
+    assert run._mask is None  # cleared after the loop

@@ -270,7 +270,9 @@ class Collection(JacobianPass):
                     f"Site {key!r} has activations of shape {tuple(act.shape)}: its features "
                     f"are taken on the last axis ({act.shape[-1]}) and every other axis "
                     "becomes samples. For a conv feature map (N, C, H, W) the features are "
-                    f"the channels: Site({site.name!r}, feature_axis=1).",
+                    f"the channels: Site({site.name!r}, feature_axis=1). If the last axis is "
+                    "meant (per-head hooks (batch, pos, head, d_head): heads become samples), "
+                    "say so with feature_axis=-1.",
                     stacklevel=2,
                 )
             rows = site.rows(act.detach(), mask)

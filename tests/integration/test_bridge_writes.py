@@ -41,14 +41,21 @@ SITES = [
 ]
 
 
-def twins() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A ``HookedTransformer`` and a bridge with the same float64 weights (no LayerNorm)."""
-    hooked = build_hooked("relu", None)
-    bridge = build_bridge("relu", None)
-    state = _bridge_layout(hooked.state_dict(), toy_config())
+def twins(act_fn: str = "relu", norm: str | None = None) -> tuple[torch.nn.Module, ...]:
+    """A ``HookedTransformer`` and a bridge with the same float64 weights."""
+    hooked = build_hooked(act_fn, norm)
+    bridge = build_bridge(act_fn, norm)
+    weights = hooked.state_dict()
+    state = _bridge_layout(weights, toy_config())
+    for key, value in weights.items():  # LayerNorm gains and biases: w, b -> weight, bias
+        if key.endswith((".ln1.w", ".ln2.w", "ln_final.w", ".ln1.b", ".ln2.b", "ln_final.b")):
+            state[key[:-1] + ("weight" if key.endswith("w") else "bias")] = value
     result = bridge.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     return hooked, bridge.eval()
+
+
+VARIANTS = [("relu", None), ("gelu", "LN")]
 
 
 def shifted(model, site: str, tokens, shift: torch.Tensor) -> torch.Tensor:
@@ -66,9 +73,10 @@ def shifted(model, site: str, tokens, shift: torch.Tensor) -> torch.Tensor:
 
 
 @requires_hooked
+@pytest.mark.parametrize("variant", VARIANTS, ids=["relu", "gelu-LN"])
 @pytest.mark.parametrize("site", SITES)
-def test_a_write_at_every_site_matches_hooked_transformer(site, tokens):
-    hooked, bridge = twins()
+def test_a_write_at_every_site_matches_hooked_transformer(site, variant, tokens):
+    hooked, bridge = twins(*variant)
     with torch.no_grad():
         torch.testing.assert_close(bridge(tokens), hooked(tokens), rtol=1e-10, atol=1e-10)
     generator = torch.Generator().manual_seed(7)
@@ -76,6 +84,29 @@ def test_a_write_at_every_site_matches_hooked_transformer(site, tokens):
     expected = shifted(hooked, site, tokens, shift)
     assert not torch.allclose(expected, hooked(tokens))  # the write changes the output
     torch.testing.assert_close(shifted(bridge, site, tokens, shift), expected, rtol=1e-10, atol=0)
+
+
+@requires_hooked
+@pytest.mark.parametrize("site", SITES)
+def test_differentiating_through_a_write_matches_hooked_transformer(site, tokens):
+    """Gradients of the output with respect to what is written at the site (as edges take)."""
+    grads = {}
+    models = twins("gelu", "LN")
+    width = _width(models[1], site, tokens)  # the bridge's: heads * d_head for per-head hooks
+    for name, model in zip(("hooked", "bridge"), models, strict=True):
+        ((resolved, module),) = resolve_sites(model, [site])
+        leaf = torch.zeros(width, dtype=torch.float64, requires_grad=True)
+
+        def write(act: torch.Tensor, leaf: torch.Tensor = leaf) -> torch.Tensor:
+            return act + leaf.reshape(act.shape[2:])
+
+        bypass = resolve_bypass(model, resolved)
+        with SiteHook(model, resolved, module, write, writes=True, bypass=bypass):
+            out = model(tokens)
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)
+        (grads[name],) = torch.autograd.grad((out * weights).sum(), leaf)
+    assert grads["hooked"].abs().max() > 0
+    torch.testing.assert_close(grads["bridge"], grads["hooked"], rtol=1e-10, atol=1e-12)
 
 
 def _width(model, site, tokens) -> int:

@@ -20,25 +20,47 @@ from torch import nn
 from ._batches import require_reiterable
 from ._hooks import SiteHook
 from .basis import InteractionBasis, _keep_index
-from .sites import Site, _position_index, resolve_bypass, resolve_sites
+from .sites import Site, position_cells, resolve_bypass, resolve_sites
 
-__all__ = ["AblationCurve", "ablate", "node_ablation_curve"]
+__all__ = ["Ablation", "AblationCurve", "ablate", "node_ablation_curve"]
 
 
 def _project(
-    act: torch.Tensor, projector: torch.Tensor, mean: torch.Tensor, site: Site
+    act: torch.Tensor,
+    projector: torch.Tensor,
+    mean: torch.Tensor,
+    site: Site,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     def rewrite(x: torch.Tensor) -> torch.Tensor:
         x64 = x.to(torch.float64)
         return ((x64 - mean) @ projector + mean).to(x.dtype)
 
     features = site.features_last(act)
-    if site.positions is None or features.ndim < 3:
+    if features.ndim < 3 or (site.positions is None and mask is None):
+        position_cells(features, site.positions, mask, site.key)  # checks positions, mask
         return site.restore_axis(rewrite(features))
+    cells = position_cells(features, site.positions, mask, site.key)
     out = features.clone()
-    index = _position_index(site.positions, features.shape[1], site.key)
-    out[:, index] = rewrite(features[:, index])
+    out[cells] = rewrite(features[cells])
     return site.restore_axis(out)
+
+
+class Ablation:
+    """The handle ``with dh.ablate(...) as ablation`` binds: the padding mask of the passes.
+
+    Attributes:
+        mask: ``(batch, pos)`` boolean mask of the real positions of the next forward
+            passes, or ``None``; set it per batch with :meth:`set_mask`.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None) -> None:
+        self.mask: torch.Tensor | None = None
+        self.set_mask(mask)
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Write only the real positions (``True``) of the following forward passes."""
+        self.mask = None if mask is None else torch.as_tensor(mask).bool()
 
 
 @contextlib.contextmanager
@@ -49,7 +71,8 @@ def ablate(
     *,
     keep: int | Sequence[int] | None = None,
     drop: Sequence[int] | None = None,
-) -> Iterator[None]:
+    mask: torch.Tensor | None = None,
+) -> Iterator[Ablation]:
     """Keep only some features of ``basis`` at ``site`` while the block runs.
 
     The site's tensor is rewritten where every consumer sees it: the element of a
@@ -63,9 +86,14 @@ def ablate(
         site: Site key.
         keep: The top ``k`` features (int) or explicit feature indices; all when ``None``.
         drop: Feature indices to ablate (removed from ``keep``).
+        mask: ``(batch, pos)`` boolean mask of the real tokens of the batch (padding
+            ``False``), as given to ``run.set_mask`` when the basis was collected: only the
+            positions the site read are written (``positions="last"``: each row's last real
+            token). Change it per batch with ``ablation.set_mask(...)``.
 
     Yields:
-        Nothing; the model's forward passes inside the block see the rewritten activation.
+        An :class:`Ablation` handle (its ``set_mask``); the model's forward passes inside
+        the block see the rewritten activation.
 
     Examples:
         >>> import torch, degen_hooks as dh
@@ -88,13 +116,15 @@ def ablate(
     spec = Site.from_info(basis.site_info_.get(site, {}), key=site)
     ((resolved, module),) = resolve_sites(model, [spec])
 
+    handle = Ablation(mask)
+
     def rewrite(act: torch.Tensor) -> torch.Tensor:
         dev = act.device
-        return _project(act, projector.to(dev), mean.to(dev), resolved)
+        return _project(act, projector.to(dev), mean.to(dev), resolved, handle.mask)
 
     bypass = resolve_bypass(model, resolved)
     with SiteHook(model, resolved, module, rewrite, writes=True, bypass=bypass):
-        yield
+        yield handle
 
 
 @dataclass
@@ -154,10 +184,14 @@ def _evaluate(
     data: Iterable[Any],
     forward: Callable[[nn.Module, Any], Any],
     metric: Callable[[Any, Any], torch.Tensor | float],
+    mask: Callable[[Any], torch.Tensor | None] | None = None,
+    ablation: Ablation | None = None,
 ) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data:
+            if ablation is not None and mask is not None:
+                ablation.set_mask(mask(batch))
             value = torch.as_tensor(metric(forward(model, batch), batch), dtype=torch.float64)
             total += float(value.sum())
             count += max(value.numel(), 1)
@@ -173,6 +207,7 @@ def node_ablation_curve(
     metric: Callable[[Any, Any], torch.Tensor | float],
     n_kept: Sequence[int] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    mask: Callable[[Any], torch.Tensor | None] | None = None,
     tolerance: float | None = None,
     higher_is_better: bool = True,
     progress: bool = True,
@@ -187,6 +222,9 @@ def node_ablation_curve(
         metric: ``metric(output, batch)`` returning per-sample values (averaged) or a scalar.
         n_kept: Numbers of features to try; default: every ``k`` from 0 to the width.
         forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
+        mask: ``mask(batch) -> (batch, pos)`` boolean mask of the real tokens (padding
+            ``False``), as in ``run.over(..., mask=...)``: each ablation writes only the
+            positions the site read.
         tolerance: If given, bisect between the tried ``k`` for the fewest features that keep
             the metric within ``tolerance`` of the baseline (assuming the curve is monotone
             there), so :meth:`AblationCurve.min_features` is exact on a coarse schedule.
@@ -209,8 +247,8 @@ def node_ablation_curve(
         jobs += [(name, basis, k) for k in ks]
 
     def evaluate(basis: InteractionBasis, k: int) -> float:
-        with ablate(model, basis, site, keep=k):
-            return _evaluate(model, data, call, metric)
+        with ablate(model, basis, site, keep=k) as ablation:
+            return _evaluate(model, data, call, metric, mask, ablation)
 
     for name, basis, k in tqdm(jobs, desc=f"ablation {site}", disable=not progress, leave=False):
         curve.values[name].append(evaluate(basis, k))

@@ -28,12 +28,13 @@ from ._accumulator import unusable_rows
 from ._backward import JacobianPass
 from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
 from ._errors import DegenHooksError, ShapeMismatchError, SiteNotFiredError
+from ._family import family_hook
 from ._hooks import SiteHook
 from ._journal import Journal
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
 from .jacobians import Probe
-from .sites import Site, _is_transformer_lens, resolve_sites
+from .sites import Site, _unwrap, resolve_sites
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["Collection", "collect"]
@@ -206,9 +207,8 @@ class Collection(JacobianPass):
                 torch_version=torch.__version__,
             ),
         )
-        if _is_transformer_lens(self.model):
-            from .transformer_lens import record_metadata  # lazy: TransformerLens models only
-
+        record_metadata = family_hook(_unwrap(self.model)[0], "record_metadata")
+        if record_metadata is not None:  # family settings, e.g. TransformerLens processing
             record_metadata(fresh, self.model, stacklevel=4)  # warns at the user's `with`
         resumed = [key for key in fresh if key in self.stats]
         for key in resumed:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ._checks import closest
 from ._errors import ShapeMismatchError, SiteNotFoundError, UnsupportedDtypeError
+from ._family import family_hook
 
 __all__ = ["Site", "find_sites", "resolve_bypass", "resolve_sites"]
 
@@ -256,6 +257,38 @@ def select_positions(
     return act
 
 
+def position_cells(
+    act: torch.Tensor, positions: Positions, mask: torch.Tensor | None, key: str
+) -> torch.Tensor:
+    """The ``(batch, pos)`` cells of ``act`` that :func:`select_positions` reads, as a mask.
+
+    A write at a site changes these cells and no others: with padding, ``"last"`` is each
+    row's last real token, as when the site was read.
+
+    Raises:
+        ShapeMismatchError: As :func:`select_positions`.
+    """
+    if act.ndim < 3:
+        select_positions(act, positions, mask, key)  # raises for positions or a mask
+        return torch.ones(act.shape[:1], dtype=torch.bool, device=act.device)
+    cells = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
+    if positions is None:
+        cells[:] = True
+    elif positions == "last" and mask is not None:
+        select_positions(act[:, :, :1], None, mask, key)  # checks the mask's shape
+        steps = torch.arange(act.shape[1], device=act.device).expand(act.shape[:2])
+        last = torch.where(mask.to(act.device).bool(), steps, -1).max(dim=1).values
+        rows = torch.arange(act.shape[0], device=act.device)[last >= 0]
+        cells[rows, last[last >= 0]] = True
+        return cells
+    else:
+        cells[:, _position_index(positions, act.shape[1], key)] = True
+    if mask is not None:
+        select_positions(act[:, :, :1], None, mask, key)
+        cells &= mask.to(act.device).bool()
+    return cells
+
+
 def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice | torch.Tensor:
     if isinstance(positions, str):
         # "last" of no positions (an empty sequence) is no rows, as with a padding-only mask.
@@ -400,12 +433,10 @@ def _is_transformer_lens(model: nn.Module) -> bool:
 
 
 def _site_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules by site name; a TransformerLens bridge adds its hook paths and aliases."""
-    if _is_transformer_lens(model):
-        from .transformer_lens import site_modules  # lazy: only TransformerLens models
-
-        return site_modules(model)
-    return dict(model.named_modules())
+    """Modules by site name: ``named_modules()``, or what the model's family lists (a
+    TransformerLens bridge adds its hook paths and aliases)."""
+    listed = family_hook(model, "site_modules")
+    return listed(model) if listed is not None else dict(model.named_modules())
 
 
 def resolve_sites(model: nn.Module, sites: Any) -> list[tuple[Site, nn.Module]]:
@@ -464,10 +495,9 @@ def resolve_bypass(model: nn.Module, site: Site) -> nn.Module | None:
     """
     inner, prefix = _unwrap(model)
     name = site.bypass
-    if name is None and _is_transformer_lens(inner):
-        from .transformer_lens import write_bypass  # lazy: only TransformerLens models
-
-        name = write_bypass(inner, _strip(site.name, prefix, _site_modules(inner)))
+    family_bypass = family_hook(inner, "write_bypass")
+    if name is None and family_bypass is not None:
+        name = family_bypass(inner, _strip(site.name, prefix, _site_modules(inner)))
     if name is None:
         return None
     modules = _site_modules(inner)

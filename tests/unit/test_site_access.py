@@ -431,3 +431,36 @@ def test_a_stale_mask_warns_and_over_sets_one_mask_per_batch():
     rows = torch.cat([model.embed(x)[m] for x, m in zip(batches, masks, strict=True)]).detach()
     torch.testing.assert_close(run.stats["embed"].acts.mean(), rows.mean(0), rtol=1e-12, atol=0)
     assert run._mask is None  # cleared after the loop
+
+
+def test_ablation_with_padding_writes_the_last_real_token():
+    model = PositionModel().double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    site = dh.Site("embed", positions="last")
+    with dh.collect(model, [site]) as run, torch.no_grad():
+        run.set_mask(mask)
+        model(x)
+    pca = dh.InteractionBasis(variant="pca").fit(run.stats)
+    clean = model(x).detach()
+    with dh.ablate(model, pca, "embed", keep=0, mask=mask), torch.no_grad():
+        out = model(x)
+    written = torch.zeros(3, 5, dtype=torch.bool)
+    written[0, 2] = written[1, 4] = written[2, 4] = True
+    torch.testing.assert_close(out[~written], clean[~written], rtol=0, atol=0)
+    mean = run.stats["embed"].acts.mean()
+    torch.testing.assert_close(out[written], mean.expand(3, 3), rtol=1e-12, atol=1e-12)
+    batches = [(x, mask)]
+    curve = dh.node_ablation_curve(
+        model,
+        {"PCA": pca},
+        "embed",
+        batches,
+        metric=lambda out, batch: out[batch[1]].sum(-1),
+        forward=lambda m, batch: m(batch[0]),
+        mask=lambda batch: batch[1],
+        n_kept=[0],
+        progress=False,
+    )
+    expected = (clean[mask].sum(-1).sum() - clean[written].sum() + mean.sum() * 3) / mask.sum()
+    assert abs(curve.values["PCA"][0] - float(expected)) < 1e-12

@@ -18,14 +18,14 @@ import torch
 from ._checks import nonfinite_rows
 from ._errors import GradientError, NonFiniteError
 from ._hooks import find_element
+from ._plan import auto_chunk, n_probe_vectors
 from .accumulators import SecondMoment
 from .jacobians import probe_chunks, vjp_batched
 
 __all__ = ["JacobianPass", "first_tensor"]
 
-# Elements per batched (vmapped) gradient for chunk="auto": large batches pay off on a GPU,
-# while on a CPU they are memory-bound and no faster than a loop (benchmarks/bench_build.py).
-_AUTO_CHUNK_ELEMENTS = {"cuda": 1 << 21, "cpu": 1 << 19}
+# Chunks of probes per batch from which run.over shows a progress bar within the batch.
+_INNER_PROGRESS_CHUNKS = 16
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -99,7 +99,7 @@ class JacobianPass:
         reached = [item[3] == 0 for _, item in edges]
         for t_index, (y, y_mask) in enumerate(targets):
             chunk = self._chunk_for(y, edges)
-            for grad_outputs, is_last in _with_last(self._probes(y, y_mask, chunk)):
+            for grad_outputs, is_last in _with_last(self._shown(y, y_mask, chunk)):
                 last = is_last and t_index == len(targets) - 1
                 grads = vjp_batched(
                     y,
@@ -233,16 +233,40 @@ class JacobianPass:
         vmapped gradient near 2**21 elements on a GPU (2**19 on a CPU), between 1 and 64."""
         if self.chunk != "auto":
             return int(self.chunk)
-        budget = _AUTO_CHUNK_ELEMENTS["cuda" if y.is_cuda else "cpu"]
         largest = max([y.numel(), *(math.prod(item[2]) for _, item in edges)])
-        return max(1, min(64, budget // max(largest, 1)))
+        return auto_chunk(y.device.type, largest)
+
+    def _shown(
+        self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
+    ) -> Iterator[torch.Tensor]:
+        """The probe chunks of target ``y``, with a progress bar when a batch needs many."""
+        chunks = self._probes(y, mask, chunk)
+        if not getattr(self, "_inner_progress", False):
+            return chunks
+        vectors = n_probe_vectors(
+            self.jacobians,
+            y.shape,
+            r=y.shape[-1] if self.readout is None else self.readout.shape[1],
+            positions=self._probe_positions(),
+            n_probes=self.n_probes,
+        )
+        n_chunks = math.ceil(vectors / chunk)
+        if n_chunks < _INNER_PROGRESS_CHUNKS:
+            return chunks
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(chunks, total=n_chunks, desc="probes in this batch", leave=False))
+
+    def _probe_positions(self) -> Any:
+        positions = self.target_positions
+        if positions is None and self._target_spec is not None:
+            positions = self._target_site.positions
+        return positions
 
     def _probes(
         self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
     ) -> Iterator[torch.Tensor]:
-        positions = self.target_positions
-        if positions is None and self._target_spec is not None:
-            positions = self._target_site.positions
+        positions = self._probe_positions()
         return probe_chunks(
             self.jacobians,
             y.shape,

@@ -429,6 +429,7 @@ class Collection(JacobianPass):
 
         call = forward or (lambda model, batch: model(batch))
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        self._inner_progress = progress  # a long batch shows its probe chunks too
         try:
             for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
                 if mask is not None:
@@ -439,6 +440,7 @@ class Collection(JacobianPass):
                 else:
                     self.backward(call(self.model, batch))
         finally:
+            self._inner_progress = False
             if mask is not None:
                 self.set_mask(None)
         return self

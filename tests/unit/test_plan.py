@@ -1,0 +1,91 @@
+"""Cost plans: the estimated backward passes are the ones a pass runs (counted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import degen_hooks as dh
+import degen_hooks._backward as backward_module
+from degen_hooks._plan import BatchProfile, PassCost, plan_jacobian_pass
+
+
+class Mixer(nn.Module):
+    """(batch, pos, 3) -> (batch, pos, 5): a per-position MLP plus a mix over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.up(x))
+        return self.down(h + h.mean(1, keepdim=True))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    original = backward_module.vjp_batched
+
+    def counting(y, inputs, grad_outputs, **kwargs):
+        calls.append(grad_outputs.shape[0])
+        return original(y, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(backward_module, "vjp_batched", counting)
+    return calls
+
+
+CASES = [
+    ("exact", 1, "auto", None),
+    ("exact", 1, 3, None),
+    ("exact", 1, 4, "last"),
+    ("exact", 1, 2, slice(1, 3)),
+    ("rademacher", 7, 2, None),
+    ("gaussian", 5, "auto", None),
+]
+
+
+@pytest.mark.parametrize(("kind", "n_probes", "chunk", "positions"), CASES)
+def test_planned_backward_passes_are_the_ones_that_run(counted, kind, n_probes, chunk, positions):
+    model = Mixer().double()
+    batches = [torch.randn(4, 6, 3, dtype=torch.float64) for _ in range(3)]
+    profile = BatchProfile.measure(
+        model, batches[0], lambda m, b: m(b), [dh.Site("act"), dh.Site("", label="output")]
+    )
+    assert profile.shapes == {"act": (4, 6, 6), "output": (4, 6, 5)}
+    assert profile.flops > 0 and profile.saved_bytes > 0
+    cost = plan_jacobian_pass(
+        "jacobians act",
+        profile,
+        site="act",
+        target="output",
+        r=5,
+        kind=kind,
+        positions=positions,
+        n_probes=n_probes,
+        chunk=chunk,
+        n_batches=len(batches),
+    )
+    with dh.collect(
+        model,
+        ["act"],
+        jacobians=kind,
+        n_probes=n_probes,
+        chunk=chunk,
+        target_positions=positions,
+    ) as run:
+        run.over(batches, progress=False)
+    assert cost.backward_passes == len(counted)
+    assert cost.probe_vectors == sum(counted)
+    probed_cells = {"last": 1, None: 6}.get(positions, 2) if isinstance(positions, str | None) else 2
+    expected_vectors = probed_cells * 5 if kind == "exact" else n_probes
+    assert cost.probe_vectors == expected_vectors * len(batches)
+
+
+def test_a_cost_reads_as_a_line_and_flags_expensive_passes():
+    cost = PassCost("jacobians x", "backward (exact probes)", 10, 120, 7680, 3.1e12, 2 * 10**9)
+    assert cost.describe() == "~120 backward passes, 3.1 TFLOP, peak ~2 GB"
+    assert not cost.is_expensive
+    assert PassCost("x", "backward", None, 6_000).is_expensive
+    assert "per batch" in PassCost("x", "backward", None, 6).describe()

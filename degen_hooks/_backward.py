@@ -4,25 +4,36 @@
 capture each site's gradient edge; ``backward`` pushes probe vectors from the target back to
 every captured edge in batches (:mod:`degen_hooks.jacobians`) and accumulates float64 Grams
 of the gradient rows. A failed backward leaves every statistic as it was.
+
+Sharded models (FSDP2's ``fully_shard``, or any model with ``DTensor`` parameters) gather
+their weights again in every backward pass, a collective that every rank must run equally
+often: ranks that push different numbers of probe chunks (other sequence lengths, masks,
+``chunk="auto"`` on other batch sizes) would pair one rank's backward all-gather with
+another's forward one, and hang or silently exchange the wrong weights. So the ranks agree
+on the number of passes per target first (one all-reduce of an integer), a rank with fewer
+chunks pushes zero probes until it matches, and an error in one rank's batch (a non-finite
+gradient) is raised only after all of that batch's passes.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._checks import nonfinite_rows
-from ._errors import GradientError, NonFiniteError
+from ._errors import DistributedError, GradientError, NonFiniteError
 from ._hooks import find_element
-from ._plan import auto_chunk, n_probe_vectors
+from ._plan import auto_chunk
 from .accumulators import SecondMoment
-from .jacobians import probe_chunks, vjp_batched
+from .jacobians import count_probe_vectors, probe_chunks, vjp_batched
 
-__all__ = ["JacobianPass", "first_tensor"]
+__all__ = ["JacobianPass", "first_tensor", "sharding_groups"]
 
 # Chunks of probes per batch from which run.over shows a progress bar within the batch.
 _INNER_PROGRESS_CHUNKS = 16
@@ -49,12 +60,20 @@ class JacobianPass:
                 Not needed when ``target=`` names a site.
             retain_graph: Keep the autograd graph for a later backward pass of your own.
 
+        A sharded model (FSDP2's ``fully_shard``) works as it is, with any ``chunk``: every
+        rank must call ``run.backward`` after each forward pass, as it calls the forward,
+        and the ranks agree on the number of backward passes (see the module docstring).
+        Each pass gathers the weights it runs through again, so a larger ``chunk`` means
+        fewer gathers.
+
         Raises:
             GradientError: If Jacobians were not requested, no forward pass ran since the
                 last call, the forward ran without gradients, the target does not depend on
                 a site, or a batched backward cannot run under ``torch.vmap``.
             NonFiniteError: If a gradient is NaN/inf (with ``nonfinite="raise"``); the
                 statistics keep their previous values.
+            DistributedError: If the ranks of a sharded model could not agree on the number
+                of backward passes (another rank raised, died or skipped ``run.backward``).
         """
         if self.jacobians is None:
             raise GradientError(
@@ -97,9 +116,16 @@ class JacobianPass:
         n_probes = [0] * len(edges)
         # An edge of a batch without rows at its site (empty, or padding only) needs none.
         reached = [item[3] == 0 for _, item in edges]
+        # A sharded model's ranks run every backward pass together; an error of this rank's
+        # batch waits until the others have their passes (see the module docstring).
+        groups = sharding_groups(self.model)
+        deferred: Exception | None = None
         for t_index, (y, y_mask) in enumerate(targets):
             chunk = self._chunk_for(y, edges)
-            for grad_outputs, is_last in _with_last(self._shown(y, y_mask, chunk)):
+            chunks = ((v, True) for v in self._shown(y, y_mask, chunk))
+            if groups:
+                chunks = self._aligned(chunks, y, y_mask, chunk, groups)
+            for (grad_outputs, counts), is_last in _with_last(chunks):
                 last = is_last and t_index == len(targets) - 1
                 grads = vjp_batched(
                     y,
@@ -107,20 +133,16 @@ class JacobianPass:
                     grad_outputs,
                     retain_graph=retain_graph or not last,
                 )
-                for index, ((key, (_, mask, shape, _)), g) in enumerate(
-                    zip(edges, grads, strict=True)
-                ):
-                    if g is None:
-                        continue
-                    reached[index] = True
-                    k = g.shape[0]
-                    flat = g.detach().reshape(k * shape[0], *shape[1:])
-                    flat_mask = None if mask is None else mask.repeat(k, 1)
-                    rows = self._site(key).rows(flat, flat_mask).to(self.dtype)
-                    gram, n_bad = self._gram(key, rows)
-                    skipped[index] += n_bad
-                    n_probes[index] += k
-                    sums[key] = gram if key not in sums else sums[key].add_(gram)
+                if not counts or deferred is not None:
+                    continue  # a zero probe that keeps the ranks in step, or a failed batch
+                try:
+                    self._accumulate(edges, grads, sums, skipped, n_probes, reached)
+                except Exception as err:
+                    if not groups:
+                        raise
+                    deferred = err
+        if deferred is not None:
+            raise deferred
         self._check_reached(edges, reached)
         counts = dict.fromkeys(captures, 0.0)
         n_skipped = dict.fromkeys(captures, 0)
@@ -153,6 +175,47 @@ class JacobianPass:
             self._journal.touch(key)
             self.stats[key].grads.merge(partial)
         self.stats.metadata["n_backward_calls"] = n_calls + 1
+
+    def _accumulate(
+        self,
+        edges: list[tuple[str, Any]],
+        grads: tuple[torch.Tensor | None, ...],
+        sums: dict[str, torch.Tensor],
+        skipped: list[int],
+        n_probes: list[int],
+        reached: list[bool],
+    ) -> None:
+        """Add the Grams of one chunk's gradient rows to ``sums`` (per site key)."""
+        for index, ((key, (_, mask, shape, _)), g) in enumerate(zip(edges, grads, strict=True)):
+            if g is None:
+                continue
+            reached[index] = True
+            k = g.shape[0]
+            flat = g.detach().reshape(k * shape[0], *shape[1:])
+            flat_mask = None if mask is None else mask.repeat(k, 1)
+            rows = self._site(key).rows(flat, flat_mask).to(self.dtype)
+            gram, n_bad = self._gram(key, rows)
+            skipped[index] += n_bad
+            n_probes[index] += k
+            sums[key] = gram if key not in sums else sums[key].add_(gram)
+
+    def _aligned(
+        self,
+        chunks: Iterator[tuple[torch.Tensor, bool]],
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+        chunk: int,
+        groups: list[Any],
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
+        """``chunks``, then zero probes (not counted) up to the most chunks of any rank."""
+        n_local = math.ceil(count_probe_vectors(**self._probe_arguments(y, mask)) / chunk)
+        n_passes = _agree_on_passes(n_local, groups)
+        n_pushed = 0
+        for item in chunks:
+            n_pushed += 1
+            yield item
+        for _ in range(n_passes - n_pushed):
+            yield torch.zeros((1, *y.shape), dtype=y.dtype, device=y.device), False
 
     def _gram(self, key: str, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``rows^T rows`` (float64) and the number of non-finite rows dropped."""
@@ -243,13 +306,7 @@ class JacobianPass:
         chunks = self._probes(y, mask, chunk)
         if not getattr(self, "_inner_progress", False):
             return chunks
-        vectors = n_probe_vectors(
-            self.jacobians,
-            y.shape,
-            r=y.shape[-1] if self.readout is None else self.readout.shape[1],
-            positions=self._probe_positions(),
-            n_probes=self.n_probes,
-        )
+        vectors = count_probe_vectors(**self._probe_arguments(y, mask))
         n_chunks = math.ceil(vectors / chunk)
         if n_chunks < _INNER_PROGRESS_CHUNKS:
             return chunks
@@ -266,18 +323,23 @@ class JacobianPass:
     def _probes(
         self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
     ) -> Iterator[torch.Tensor]:
-        positions = self._probe_positions()
         return probe_chunks(
-            self.jacobians,
-            y.shape,
-            readout=self.readout,
-            positions=positions,
-            mask=mask if y.ndim >= 3 else None,
-            n_probes=self.n_probes,
+            **self._probe_arguments(y, mask),
             chunk=chunk,
             generator=self._generator,
             dtype=y.dtype,
             device=y.device,
+        )
+
+    def _probe_arguments(self, y: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """What decides the probe vectors of target ``y``: its shape, readout, positions."""
+        return dict(
+            kind=self.jacobians,
+            target_shape=y.shape,
+            readout=self.readout,
+            positions=self._probe_positions(),
+            mask=mask if y.ndim >= 3 else None,
+            n_probes=self.n_probes,
             name=self._target_site.key if self._target_spec is not None else "output",
         )
 
@@ -321,6 +383,75 @@ class JacobianPass:
                 ".grads. Call run.backward(output) after every forward pass.",
                 stacklevel=3,
             )
+
+
+def sharding_groups(model: nn.Module) -> list[Any]:
+    """The process groups whose ranks must run every backward pass of ``model`` together.
+
+    Those of the device meshes of its ``DTensor`` parameters (FSDP2's ``fully_shard``, tensor
+    parallelism), each mesh dimension once; groups of one rank are left out. An FSDP2 module
+    whose parameters are unsharded right now (a root kept unsharded after its forward) has no
+    ``DTensor`` to ask: then the default group. Empty for an unsharded model; nothing is
+    imported when ``DTensor`` never was (no model can be sharded then).
+
+    Args:
+        model: The collected model.
+
+    Returns:
+        Process groups, in the same order on every rank.
+    """
+    # Where DTensor and FSDPModule live, in torch >= 2.6 and in earlier releases.
+    dtensors = [
+        getattr(sys.modules.get(name), "DTensor", None)
+        for name in ("torch.distributed.tensor", "torch.distributed._tensor")
+    ]
+    dtensors = tuple(cls for cls in dtensors if isinstance(cls, type))
+    if not dtensors:
+        return []
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return []
+    meshes: list[Any] = []
+    for parameter in model.parameters():
+        if isinstance(parameter, dtensors) and parameter.device_mesh not in meshes:
+            meshes.append(parameter.device_mesh)
+    groups: list[Any] = []
+    for mesh in meshes:
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            if group not in groups:
+                groups.append(group)
+    if not meshes:
+        fsdp = [
+            getattr(sys.modules.get(name), "FSDPModule", None)
+            for name in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
+        ]
+        fsdp = tuple(cls for cls in fsdp if isinstance(cls, type))
+        if fsdp and any(isinstance(module, fsdp) for module in model.modules()):
+            groups.append(dist.group.WORLD)
+    return [group for group in groups if dist.get_world_size(group) > 1]
+
+
+def _agree_on_passes(n_local: int, groups: list[Any]) -> int:
+    """The largest ``n_local`` of all ranks of ``groups`` (one all-reduce per group)."""
+    import torch.distributed as dist
+
+    from .distributed import _communication_device
+
+    count = torch.tensor([n_local], dtype=torch.int64)
+    try:
+        for group in groups:
+            count = count.to(_communication_device(dist, group))
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as err:
+        raise DistributedError(
+            f"run.backward() on a sharded model: the ranks could not agree on the number of "
+            f"backward passes ({n_local} here): {err} Another rank probably raised, died or "
+            "skipped run.backward(): every rank must call run.backward(output) after each "
+            "forward pass. The statistics were not updated."
+        ) from err
+    return int(count.item())
 
 
 def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:

@@ -20,7 +20,7 @@ or none (an MLP section from moments already collected).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._hooks import SiteHook
-from .jacobians import Probe, _coordinate_mask
+from .jacobians import Probe, count_probe_vectors
 from .sites import Site, resolve_sites
 
 __all__ = ["BatchProfile", "BuildPlan", "PassCost", "auto_chunk", "plan_jacobian_pass"]
@@ -186,15 +186,9 @@ class BatchProfile:
 def n_probe_vectors(
     kind: Probe | str, target_shape: Sequence[int], *, r: int, positions: Any, n_probes: int
 ) -> int:
-    """Probe vectors per batch: exact, one per probed (cell, feature); random, ``n_probes``."""
-    if Probe(kind) is not Probe.EXACT:
-        return n_probes
-    shape = torch.Size(target_shape)
-    cells = _coordinate_mask(shape, positions, None, torch.device("cpu"), "target")
-    n_inner = math.prod(shape[1:-1])
-    if cells is None:
-        return n_inner * r
-    return int(cells.reshape(shape[0], n_inner).any(dim=0).sum()) * r
+    """Probe vectors per batch for a read-out of width ``r`` (see ``count_probe_vectors``)."""
+    shape = torch.Size((*target_shape[:-1], r))  # the probes live in read-out coordinates
+    return count_probe_vectors(kind, shape, positions=positions, n_probes=n_probes)
 
 
 def plan_jacobian_pass(
@@ -265,3 +259,83 @@ def _si(value: float) -> str:
         if abs(value) >= size:
             return f"{value / size:.3g} {unit}"
     return f"{value:.3g} "
+
+
+def plan_passes(
+    profile: BatchProfile,
+    *,
+    variant: str,
+    keys: Sequence[str],
+    closed_forms: Mapping[str, str],
+    target_key: str,
+    output_positions: Any,
+    jacobians: str,
+    n_probes: int,
+    chunk: int | str,
+    n_batches: int | None,
+) -> BuildPlan:
+    """The passes of ``build_bases`` and their costs, in the order it runs them.
+
+    Args:
+        profile: One measured batch; its shapes hold every site and the target.
+        variant: ``"lib"``, ``"global"``, ``"pca"`` or ``"neuron"``.
+        keys: Site keys, earliest first.
+        closed_forms: ``{site key: "moments" | "forward"}`` for sites with a closed-form
+            section: from moments of the activation pass, or a forward pass of its own.
+        target_key: Key of the last site's target in ``profile.shapes`` (the model output
+            or the ``output=`` site).
+        output_positions: Positions of the last target probed.
+        jacobians: Probe kind of backward passes.
+        n_probes: Random probes per batch.
+        chunk: Probes per batched backward, or ``"auto"``.
+        n_batches: Batches in the data, or ``None``.
+
+    Returns:
+        The :class:`BuildPlan`.
+    """
+    batches = 1 if n_batches is None else n_batches
+    plan = BuildPlan([PassCost("activations", "forward", n_batches, flops=profile.flops * batches)])
+    if variant in ("pca", "neuron"):
+        return plan
+    common = {"kind": jacobians, "n_probes": n_probes, "chunk": chunk, "n_batches": n_batches}
+    if variant == "global":
+        costs = [
+            plan_jacobian_pass(
+                "jacobians (global)",
+                profile,
+                site=key,
+                target=target_key,
+                r=profile.shapes[target_key][-1],
+                positions=output_positions,
+                **common,
+            )
+            for key in keys
+        ]
+        # One backward pass serves every site: the chunk is sized to the largest of them.
+        plan.passes.append(min(costs, key=lambda cost: cost.chunk or 0))
+        return plan
+    for index in range(len(keys) - 1, -1, -1):
+        key = keys[index]
+        label = f"jacobians {key}"
+        target = keys[index + 1] if index + 1 < len(keys) else target_key
+        if closed_forms.get(key) == "moments":
+            plan.passes.append(PassCost(f"{label} (closed form)", "closed form", n_batches))
+        elif closed_forms.get(key) == "forward":
+            cost = PassCost(
+                f"{label} (closed form)", "closed form", n_batches, flops=profile.flops * batches
+            )
+            plan.passes.append(cost)
+        else:
+            positions = output_positions if target == target_key else None
+            plan.passes.append(
+                plan_jacobian_pass(
+                    label,
+                    profile,
+                    site=key,
+                    target=target,
+                    r=profile.shapes[target][-1],
+                    positions=positions,
+                    **common,
+                )
+            )
+    return plan

@@ -198,7 +198,7 @@ class Collection(JacobianPass):
                 for site in self.sites
             },
             dict(
-                model=type(self.model).__name__,
+                model=_model_class(self.model),
                 jacobians=None if self.jacobians is None else self.jacobians.value,
                 n_probes=self.n_probes,
                 target=_describe(self._target_spec),
@@ -537,6 +537,18 @@ def _inside_call_of(model: nn.Module) -> bool:
             calls += 1
         frame = frame.f_back
     return calls >= 2
+
+
+def _model_class(model: nn.Module) -> str:
+    """The class name statistics record: the model's own, not a wrapper's (DDP's ``.module``,
+    ``torch.compile``'s ``._orig_mod``; FSDP2 swaps the class in place for ``FSDP<Class>``),
+    so statistics of a wrapped model merge with those of the plain one."""
+    inner = _unwrap(model)[0]
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    cls = type(inner)
+    if isinstance(fsdp, type) and isinstance(inner, fsdp):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp))
+    return cls.__name__
 
 
 def _inside_reentrant_checkpoint() -> bool:

@@ -30,7 +30,7 @@ import torch
 from ._errors import GradientError, ShapeMismatchError
 from .sites import Positions, select_positions
 
-__all__ = ["Probe", "probe_chunks", "vjp_batched"]
+__all__ = ["Probe", "count_probe_vectors", "probe_chunks", "vjp_batched"]
 
 
 class Probe(str, Enum):
@@ -107,25 +107,11 @@ def probe_chunks(
         [(2, 2, 3), (1, 2, 3)]
     """
     kind = Probe(kind)
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be at least 1, got {n_probes}.")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}.")
-    if len(target_shape) < 2:
-        raise ShapeMismatchError(
-            f"The Jacobian target {name!r} has shape {tuple(target_shape)}; it needs a batch "
-            "and a feature dimension, (batch, ..., d). Return y.unsqueeze(-1) for one output "
-            "per sample."
-        )
-    d_target = target_shape[-1]
-    if readout is not None and (readout.ndim != 2 or readout.shape[0] != d_target):
-        raise ShapeMismatchError(
-            f"Readout of shape {tuple(readout.shape)} cannot read the target {name!r} of "
-            f"width {d_target}: it must be a (d_target, r) = ({d_target}, r) matrix."
-        )
     device = torch.device(device)
-    r = d_target if readout is None else readout.shape[1]
-    cells = _coordinate_mask(target_shape, positions, mask, device, name)
+    r, cells = _probe_layout(target_shape, readout, positions, mask, n_probes, device, name)
+    d_target = target_shape[-1]
     n_batch = target_shape[0]
     n_inner = math.prod(target_shape[1:-1])
     # Columns of the readout, one per probe coordinate: (r, d_target).
@@ -135,10 +121,7 @@ def probe_chunks(
     if kind is Probe.EXACT:
         # Probe coordinates: every (probed cell, feature) pair. Cells no sample probes are
         # skipped, so exact probing costs only what is selected.
-        if cells is None:
-            probed = torch.arange(n_inner, device=device)
-        else:
-            probed = cells.reshape(n_batch, n_inner).any(dim=0).nonzero().flatten()
+        probed = _probed_cells(cells, target_shape, device)
         n_coordinates = probed.numel() * r
         for start in range(0, n_coordinates, chunk):
             index = torch.arange(start, min(start + chunk, n_coordinates), device=device)
@@ -173,6 +156,88 @@ def probe_chunks(
         if keep is not None:
             v = (v.reshape(k, n_batch, n_inner, -1) * keep).reshape(v.shape)
         yield v
+
+
+def count_probe_vectors(
+    kind: Probe | str,
+    target_shape: torch.Size,
+    *,
+    readout: torch.Tensor | None = None,
+    positions: Positions = None,
+    mask: torch.Tensor | None = None,
+    n_probes: int = 1,
+    name: str = "output",
+) -> int:
+    """The number of probe vectors :func:`probe_chunks` yields for the same arguments.
+
+    ``ceil(count / chunk)`` is the number of backward passes a target costs, known before
+    any probe is built (a sharded model's ranks agree on it before the first pass).
+
+    Args:
+        kind: ``"exact"``, ``"rademacher"`` or ``"gaussian"``.
+        target_shape: Shape of the target tensor, ``(batch, ..., d_target)``.
+        readout: Optional ``(d_target, r)`` matrix; identity when ``None``.
+        positions: Positions of the target to probe.
+        mask: Optional per-batch ``(batch, pos)`` boolean mask of probed positions.
+        n_probes: Number of random probes (ignored for ``exact``).
+        name: Name of the target in error messages.
+
+    Returns:
+        Exact probes: one per probed (cell, feature) coordinate; random: ``n_probes``.
+
+    Raises:
+        ValueError: If ``n_probes`` is below 1.
+        ShapeMismatchError: As :func:`probe_chunks`.
+
+    Examples:
+        >>> import torch
+        >>> count_probe_vectors("exact", torch.Size([2, 4, 3]), positions="last")
+        3
+    """
+    kind = Probe(kind)
+    device = torch.device("cpu") if mask is None else mask.device
+    r, cells = _probe_layout(target_shape, readout, positions, mask, n_probes, device, name)
+    if kind is not Probe.EXACT:
+        return n_probes
+    return _probed_cells(cells, target_shape, device).numel() * r
+
+
+def _probe_layout(
+    target_shape: torch.Size,
+    readout: torch.Tensor | None,
+    positions: Positions,
+    mask: torch.Tensor | None,
+    n_probes: int,
+    device: torch.device,
+    name: str,
+) -> tuple[int, torch.Tensor | None]:
+    """Check the arguments of a probe set; return its width ``r`` and its probed cells."""
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be at least 1, got {n_probes}.")
+    if len(target_shape) < 2:
+        raise ShapeMismatchError(
+            f"The Jacobian target {name!r} has shape {tuple(target_shape)}; it needs a batch "
+            "and a feature dimension, (batch, ..., d). Return y.unsqueeze(-1) for one output "
+            "per sample."
+        )
+    d_target = target_shape[-1]
+    if readout is not None and (readout.ndim != 2 or readout.shape[0] != d_target):
+        raise ShapeMismatchError(
+            f"Readout of shape {tuple(readout.shape)} cannot read the target {name!r} of "
+            f"width {d_target}: it must be a (d_target, r) = ({d_target}, r) matrix."
+        )
+    r = d_target if readout is None else readout.shape[1]
+    return r, _coordinate_mask(target_shape, positions, mask, device, name)
+
+
+def _probed_cells(
+    cells: torch.Tensor | None, target_shape: torch.Size, device: torch.device
+) -> torch.Tensor:
+    """Flat indices of the inner cells (positions) that at least one sample probes."""
+    n_inner = math.prod(target_shape[1:-1])
+    if cells is None:
+        return torch.arange(n_inner, device=device)
+    return cells.reshape(target_shape[0], n_inner).any(dim=0).nonzero().flatten()
 
 
 def vjp_batched(

@@ -52,6 +52,9 @@ from .io import load, save
 from . import graph
 from .graph import InteractionGraph
 
+# Exports other tools open: SAELens folders, attribution-graph JSON
+from .export import export_graph, export_saelens
+
 # Degeneracy
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
 from .jacobians import Probe
@@ -99,6 +102,8 @@ __all__ = [
     "find_synchronized",
     # results and processes
     "all_reduce_",
+    "export_graph",
+    "export_saelens",
     "io",
     "load",
     "save",

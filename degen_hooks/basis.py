@@ -18,10 +18,18 @@ uncorrelated with variances ``Lambda`` (``C^T G C = diag(Lambda)``) and have uni
 
 Baselines: ``variant="pca"`` (centred PCA, unwhitened: ``C = U``, ``Lambda = D``) and
 ``variant="neuron"`` (``C = I``, neurons ordered by variance).
+
+One meaning of ``lambdas_`` for every variant: the variance of each feature on the fitting data,
+``diag(C^T G C)``. For LIB that is the paper's Lambda (the features are whitened against the next
+layer, so it is also each feature's importance); for PCA it is the Gram's eigenvalue, for neurons
+the neuron's variance (uncentred: the mean square instead of the variance).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +38,7 @@ import torch
 
 from ._checks import check_fitted
 from ._errors import GradientError, ShapeMismatchError, SiteNotFoundError
+from ._estimator import ParamsMixin
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["InteractionBasis", "Rotation", "interaction_rotation", "pca_rotation"]
@@ -159,7 +168,7 @@ def interaction_rotation(
     return Rotation(rotation, pinv, lambdas.clone(), g_values.clamp_min(0), r1)
 
 
-class InteractionBasis:
+class InteractionBasis(ParamsMixin):
     """Per-site interaction-basis rotations, fitted from streamed statistics.
 
     Args:
@@ -176,11 +185,21 @@ class InteractionBasis:
         sites_: Site keys in fitting order.
         rotations_: ``{site: C}``, each ``(d_site, r)``.
         pinv_: ``{site: C_pinv}``, each ``(r, d_site)``.
-        lambdas_: ``{site: Lambda}``, each ``(r,)``, descending.
+        lambdas_: ``{site: variance of each feature}``, each ``(r,)``, descending: the
+            diagonal of ``C^T G C`` on the fitting data, whatever the variant. For ``"lib"``
+            this is the paper's Lambda (and each feature's importance: its Jacobian Gram is
+            the identity); for ``"pca"`` the Gram's eigenvalues; for ``"neuron"`` the
+            neurons' variances. With ``center=False``, mean squares instead of variances.
         gram_eigenvalues_: ``{site: eigenvalues of the Gram}``, each ``(d_site,)``.
         means_: ``{site: mean}`` (zeros when ``center=False``).
         widths_: ``{site: r}``.
         site_info_: ``{site: info}`` (module name, io, positions) from the statistics.
+
+    A site with fewer samples than its width warns: its Gram then has rank at most
+    ``n_samples - 1`` (centred), so the width measures the data, not the model.
+
+    Follows scikit-learn's estimator protocol: ``get_params`` / ``set_params``, and
+    ``sklearn.base.clone`` gives an unfitted copy with the same hyperparameters.
 
     Examples:
         >>> import torch, degen_hooks as dh
@@ -191,6 +210,9 @@ class InteractionBasis:
         ...     run.backward(model(x))
         >>> basis = dh.InteractionBasis().fit(run.stats)
         >>> basis.widths_["1"] <= 2                # the output has 2 dims
+        True
+        >>> features = basis.transform(torch.relu(model[0](x)), site="1")
+        >>> torch.allclose(features.var(0, correction=0), basis.lambdas_["1"])   # variances
         True
     """
 
@@ -266,6 +288,13 @@ class InteractionBasis:
             rot = pca_rotation(gram, rtol=self.rtol, atol=self.atol, n_components=self.n_components)
         else:
             rot = _neuron_rotation(gram, self.n_components)
+        if self.variant != "neuron":
+            rank = _n_kept(
+                rot.gram_eigenvalues,
+                default_rtol(acts.d) if self.rtol is None else self.rtol,
+                self.atol,
+            )
+            _warn_if_data_limited(key, acts.n_samples, acts.d, rank, center=self.center)
         return self.add_rotation(key, rot, mean, info=site_stats.info)
 
     def add_rotation(
@@ -371,13 +400,7 @@ class InteractionBasis:
         """JSON-able hyperparameters, sites, widths and site descriptions."""
         check_fitted(self, ["rotations_"])
         return {
-            "params": {
-                "variant": self.variant,
-                "center": self.center,
-                "rtol": self.rtol,
-                "atol": self.atol,
-                "n_components": self.n_components,
-            },
+            "params": self.get_params(deep=False),
             "sites": list(self.sites_),
             "widths": dict(self.widths_),
             "site_info": dict(self.site_info_),
@@ -399,6 +422,38 @@ class InteractionBasis:
             )
             basis.add_rotation(key, rot, state[f"{key}/mean"], info=metadata["site_info"][key])
         return basis
+
+
+def _warn_if_data_limited(
+    key: str, n_samples: int, d_site: int, rank: int, *, center: bool
+) -> None:
+    """Warn when the Gram's rank reached the bound the sample count puts on it.
+
+    ``n`` samples span at most ``n - 1`` centred directions (``n`` uncentred): below the
+    site's width, a rank at that bound says how many samples there were, not how many
+    directions the model uses (512 tokens at ``d_site = 3072`` give width 511).
+    """
+    bound = n_samples - 1 if center else n_samples
+    if bound >= d_site or rank < bound:
+        return
+    warnings.warn(
+        f"Site {key!r} has {n_samples} samples for d_site={d_site}: its "
+        f"{'covariance' if center else 'second moment'} has rank at most {bound}, and it "
+        f"reached it, so the site's width is set by the number of samples, not by the model. "
+        "Collect more than d_site samples (each token position counts as one) before reading "
+        "the width as the model's.",
+        UserWarning,
+        stacklevel=_outside_package(),
+    )
+
+
+def _outside_package() -> int:
+    """The ``stacklevel`` of the first caller outside degen_hooks (fit, fit_site, build_bases)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _neuron_rotation(gram: torch.Tensor, n_components: int | None) -> Rotation:

@@ -4,20 +4,22 @@ The passes (lib_math §5):
 
 1. one forward pass over the data, without gradients, collects every site's activation
    statistics (and the output's, and the derivative moments of closed-form MLP sections);
-2. ``variant="local"`` (LIB): sites are processed from the last to the first; each site's
-   Jacobian Gram is taken through the next site's basis (``readout=C``), with batched probes
-   or, for MLP sections, in closed form without any backward pass;
+2. ``variant="lib"`` (the local interaction basis): sites are processed from the last to the
+   first; each site's Jacobian Gram is taken through the next site's basis (``readout=C``),
+   with batched probes or, for MLP sections, in closed form without any backward pass;
    ``variant="global"``: one backward sweep takes every site's Jacobian with respect to the
    final output (the degeneracy paper's interaction basis);
    ``"pca"`` / ``"neuron"``: no Jacobians.
 
-Statistics of earlier passes are reused, never recomputed; ``basis.stats_`` holds them and
-``basis.timings_`` the seconds spent in each pass.
+Statistics of earlier passes are reused, never recomputed; ``basis.stats_`` holds those of
+the sites (exactly ``basis.sites_``), ``basis.section_stats_`` what the closed forms read
+besides, and ``basis.timings_`` the seconds spent in each pass.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -33,11 +35,12 @@ from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
 from .distributed import _guard_ranks, all_reduce_
 from .sites import Site, _is_transformer_lens, _unwrap
-from .statistics import Statistics
+from .statistics import SiteStatistics, Statistics
 
 __all__ = ["build_bases"]
 
-_VARIANTS = ("local", "global", "pca", "neuron")
+_VARIANTS = ("lib", "global", "pca", "neuron")
+_DERIVS = "#derivs"  # suffix of the internal sites that collect a section's derivative moments
 _Combined = TypeVar("_Combined", Statistics, SecondMoment)
 
 
@@ -51,7 +54,7 @@ def build_bases(
     sites: Sequence[str | Site],
     data: Iterable[Any],
     *,
-    variant: str = "local",
+    variant: str = "lib",
     output: str | Site | None = None,
     output_positions: Any = None,
     rotate_output: bool = False,
@@ -77,7 +80,10 @@ def build_bases(
         data: A re-iterable of batches (each pass iterates it once): a list of batches or a
             ``DataLoader``. A one-shot iterator (a generator) is refused when more than one
             pass is needed. Empty batches add nothing.
-        variant: ``"local"`` (LIB), ``"global"``, ``"pca"`` or ``"neuron"``.
+        variant: ``"lib"`` (the local interaction basis, as ``InteractionBasis(variant="lib")``
+            fits it: each site's Jacobian taken through the next site's basis),
+            ``"global"`` (every site's Jacobian taken with respect to the final output),
+            ``"pca"`` or ``"neuron"``. ``"local"`` is the deprecated spelling of ``"lib"``.
         output: The final node layer: ``None`` for the model output, or a site.
         output_positions: Positions of the model output to use when ``output=None``.
         rotate_output: Read the final layer through its centred PCA rotation (rib's
@@ -98,7 +104,7 @@ def build_bases(
             and the attention, MLP and unembedding sections between residual-stream sites
             of TransformerLens models
             (:func:`degen_hooks.transformer_lens.find_sections`);
-            ``None`` forces backward passes everywhere. Local variant only.
+            ``None`` forces backward passes everywhere. ``variant="lib"`` only.
         rtol: Relative eigenvalue threshold (default ``10 * d * eps``).
         atol: Absolute eigenvalue threshold.
         n_components: Keep at most this many features per site.
@@ -118,8 +124,13 @@ def build_bases(
         progress: Show tqdm progress bars.
 
     Returns:
-        A fitted :class:`~degen_hooks.InteractionBasis` with ``stats_`` (the statistics),
-        ``timings_`` (seconds per pass) and, when rotated, ``output_rotation_``.
+        A fitted :class:`~degen_hooks.InteractionBasis` with ``stats_`` (the statistics of
+        its sites, keys exactly ``sites_``: refitting another variant on them gives the same
+        sites), ``section_stats_`` (what the closed-form MLP sections read besides: a
+        :class:`~degen_hooks.Statistics` keyed by the section's first site, the derivative
+        moments of its hidden layer in ``.derivs``), ``timings_`` (seconds per pass),
+        ``output_rotation_`` (``None`` unless ``rotate_output=True``) and ``output_stats_``
+        (the output layer's statistics when rotated, else ``None``).
 
     Raises:
         ValueError: For an unknown ``variant`` or ``sections``, no sites, or ``data`` that
@@ -144,14 +155,26 @@ def build_bases(
         >>> sorted(basis.widths_) == ["1", "3"]
         True
     """
+    if variant == "local":
+        warnings.warn(
+            'build_bases(variant="local") is deprecated: the local interaction basis is '
+            'variant="lib", the name InteractionBasis(variant="lib") uses. "local" will be '
+            "removed in the next minor release.",
+            DeprecationWarning,
+            stacklevel=3,  # through the rank guard
+        )
+        variant = "lib"
     if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}.")
+        raise ValueError(
+            f'variant must be one of {_VARIANTS}, got {variant!r}: "lib" for the local '
+            'interaction basis, "global" for Jacobians with respect to the output.'
+        )
     site_objs = [_as_site(s) for s in sites]
     if not site_objs:
         raise ValueError("build_bases needs at least one site.")
     keys = [s.key for s in site_objs]
     out_site = _output_site(output, output_positions, rotate_output)
-    if variant != "local":
+    if variant != "lib":
         sections = {}
     elif isinstance(sections, str):
         if sections != "auto":
@@ -172,8 +195,8 @@ def build_bases(
     # Refuse what would fail only after the first (perhaps long) pass.
     backward_keys = _backward_keys(variant, site_objs, sections)
     n_closed = sum(isinstance(section, MLPSection) for section, _ in sections.values())
-    n_passes = {"local": 1 + len(site_objs) - n_closed, "global": 2}.get(variant, 1)
-    if n_passes > 1:  # pca / neuron (and all-closed-form local): one pass, any iterable
+    n_passes = {"lib": 1 + len(site_objs) - n_closed, "global": 2}.get(variant, 1)
+    if n_passes > 1:  # pca / neuron (and all-closed-form lib): one pass, any iterable
         require_reiterable(data, caller="build_bases", n_passes=n_passes)
     if backward_keys and not torch.is_grad_enabled():
         raise GradientError(
@@ -192,8 +215,10 @@ def build_bases(
 
     # Pass 1: activation statistics of every site (and the output, and MLP derivatives).
     derivative_sites = {
-        f"{key}#derivs": Site(
-            _as_site(pre).name, positions=_site_of(site_objs, key).positions, label=f"{key}#derivs"
+        f"{key}{_DERIVS}": Site(
+            _as_site(pre).name,
+            positions=_site_of(site_objs, key).positions,
+            label=f"{key}{_DERIVS}",
         )
         for key, (section, pre) in sections.items()
         if isinstance(section, MLPSection) and not section.is_linear  # linear: needs no data
@@ -201,24 +226,30 @@ def build_bases(
     pass_sites = list(site_objs) + list(derivative_sites.values())
     if rotate_output and out_site is not None:
         pass_sites.append(out_site)
-    derivatives = {k: sections[k[: -len("#derivs")]][0].activation for k in derivative_sites}
+    derivatives = {k: sections[k[: -len(_DERIVS)]][0].activation for k in derivative_sites}
     started = time.perf_counter()
     with collect(model, pass_sites, derivatives=derivatives) as run:
         run.over(data, desc="activations", **common)
-    stats = combined(run.stats)
+    # The sites' statistics, apart from what only the closed forms read (#18): refitting
+    # another variant on basis.stats_ must give the same sites, not one per section too.
+    everything = combined(run.stats)
+    stats = _subset(everything, {key: key for key in keys})
+    section_stats = _subset(everything, {k[: -len(_DERIVS)]: k for k in derivative_sites})
+    output_stats = everything[out_site.key] if rotate_output and out_site is not None else None
     _check_saw_samples(stats, keys)
     timings["activations"] = time.perf_counter() - started
+    extras = {"section_stats_": section_stats, "output_stats_": output_stats}
 
     basis_variant = {"pca": "pca", "neuron": "neuron"}.get(variant, "lib")
     basis = InteractionBasis(variant=basis_variant, rtol=rtol, atol=atol, n_components=n_components)
     if variant in ("pca", "neuron"):
         basis.fit(stats, keys)
-        return _finish(basis, stats, timings, None)
+        return _finish(basis, stats, timings, None, extras)
 
     readout = None
     if rotate_output:
         out_key = out_site.key  # type: ignore[union-attr]
-        out_rotation = pca_rotation(stats[out_key].acts.cov(), rtol=rtol, atol=atol)
+        out_rotation = pca_rotation(everything[out_key].acts.cov(), rtol=rtol, atol=atol)
         readout = out_rotation.rotation
     probe_kw = {"jacobians": jacobians, "n_probes": n_probes, "chunk": chunk, "seed": seed}
     target_kw = (
@@ -242,7 +273,7 @@ def build_bases(
         for site in site_objs:
             stats[site.key].grads = run.stats[site.key].grads
             basis.fit_site(site.key, stats[site.key])
-        return _finish(basis, stats, timings, readout)
+        return _finish(basis, stats, timings, readout, extras)
 
     for index in range(len(site_objs) - 1, -1, -1):
         site = site_objs[index]
@@ -254,7 +285,7 @@ def build_bases(
         started = time.perf_counter()
         if site.key in sections and isinstance(sections[site.key][0], MLPSection):
             section = sections[site.key][0]
-            derivs = None if section.is_linear else stats[f"{site.key}#derivs"].derivs
+            derivs = None if section.is_linear else section_stats[site.key].derivs
             gram = section.jacobian_gram(derivs, readout)
             stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
             label += " (closed form)"
@@ -300,7 +331,8 @@ def build_bases(
     ):
         table = getattr(basis, attr)
         setattr(basis, attr, {key: table[key] for key in keys})
-    return _finish(basis, stats, timings, None if not rotate_output else out_rotation.rotation)
+    rotation = None if not rotate_output else out_rotation.rotation
+    return _finish(basis, stats, timings, rotation, extras)
 
 
 def _backward_keys(
@@ -309,7 +341,7 @@ def _backward_keys(
     """Sites whose Jacobians take backward passes (not a closed form, not a section pass)."""
     if variant == "global":
         return [s.key for s in site_objs]
-    if variant == "local":
+    if variant == "lib":
         return [s.key for s in site_objs if s.key not in sections]
     return []
 
@@ -401,6 +433,14 @@ def _output_site(output: str | Site | None, positions: Any, rotate: bool) -> Sit
     return None
 
 
+def _subset(stats: Statistics, keys: Mapping[str, str]) -> Statistics:
+    """The statistics ``{new key: stats[old key]}``, their metadata listing those sites only."""
+    metadata = dict(stats.metadata)
+    if "sites" in metadata:
+        metadata["sites"] = list(keys)
+    return Statistics({new: stats[old] for new, old in keys.items()}, metadata)
+
+
 def _site_of(site_objs: list[Site], key: str) -> Site:
     return next(s for s in site_objs if s.key == key)
 
@@ -410,8 +450,11 @@ def _finish(
     stats: Statistics,
     timings: dict[str, float],
     output_rotation: torch.Tensor | None,
+    extras: dict[str, Statistics | SiteStatistics | None],
 ) -> InteractionBasis:
     basis.stats_ = stats
     basis.timings_ = timings
     basis.output_rotation_ = output_rotation
+    basis.section_stats_ = extras["section_stats_"]
+    basis.output_stats_ = extras["output_stats_"]
     return basis

@@ -18,6 +18,9 @@ The three overlap (a duplicated neuron shows up in all of them), so their counts
 added. The exact count for a small model is :func:`behavioural_null_dimension`: the number of
 zero singular values of the parameter Jacobian of all outputs on all data, i.e. the null
 dimension of the Gauss-Newton matrix ``H_B = (2/n) sum_x J_w(x)^T J_w(x)`` (lib_math §4.1).
+It is exact only when the data have more output rows than the Jacobian's rank: a Jacobian of
+full row rank says how many samples there were, and the report then calls the count an upper
+bound.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _OVERLAP_NOTE = (
     "The three mechanisms overlap and are NOT additive: a duplicated neuron, for example, "
     "lowers the activation rank, the Jacobian rank and forms a synchronized pair at once. Do "
     "not sum the columns; the behavioural null dimension (rank of the parameter Jacobian of "
-    "the outputs on all data) is the exact count."
+    "the outputs on all data) is the exact count, given enough data."
 )
 _LEGEND = (
     "rank(cov): rank of the centred activation covariance; free out-w = d_next * (d - rank), "
@@ -107,14 +110,15 @@ class SiteDegeneracy:
 
 @dataclass(frozen=True)
 class DegeneracyReport:
-    """Per-site degeneracy measures, and the exact behavioural count when a model was given.
+    """Per-site degeneracy measures, and the behavioural count when a model and data were given.
 
     Render it with ``print(report)`` / :meth:`summary` (plain text), in a notebook
     (``_repr_html_``) or as JSON with :meth:`to_dict`.
 
     Attributes:
         sites: One :class:`SiteDegeneracy` per site, in the order asked for.
-        behavioural: The exact count (:class:`BehaviouralNull`), or ``None``.
+        behavioural: The behavioural count (:class:`BehaviouralNull`; exact unless its
+            ``is_upper_bound``), or ``None``.
         note: The statement that the mechanisms overlap and do not add up.
     """
 
@@ -169,9 +173,19 @@ class DegeneracyReport:
                 "Behavioural null dimension: not computed (pass model= and data= for the "
                 "exact count)."
             )
+        if b.is_upper_bound:
+            return (
+                f"Behavioural Gauss-Newton null dimension: at most {b.null_dim} of {b.n_params} "
+                f"parameters, an upper bound, not the exact count: the Jacobian's rank {b.rank} "
+                f"equals its {b.n_rows} output rows, so every row was independent and more data "
+                "could lower the count. Pass more samples in data= for the exact count: it is "
+                f"exact once the rows outnumber the rank, and {b.n_params} rows always suffice "
+                f"(rtol {b.rtol:.2g})."
+            )
         return (
             f"Behavioural Gauss-Newton null dimension: {b.null_dim} of {b.n_params} parameters "
-            f"(Jacobian rank {b.rank} over {b.n_rows} output rows, rtol {b.rtol:.2g})."
+            f"(Jacobian rank {b.rank} over {b.n_rows} output rows, rtol {b.rtol:.2g}; exact on "
+            "these data)."
         )
 
     def _footnotes(self) -> list[str]:
@@ -229,11 +243,18 @@ class DegeneracyReport:
         """The report as plain data.
 
         Returns:
-            ``{"sites": [row dicts], "behavioural": dict or None, "note": str}``, JSON-able.
+            ``{"sites": [row dicts], "behavioural": dict or None, "note": str}``, JSON-able;
+            ``"behavioural"`` includes ``"is_upper_bound"``.
         """
+        behavioural = None
+        if self.behavioural is not None:
+            behavioural = {
+                **asdict(self.behavioural),
+                "is_upper_bound": self.behavioural.is_upper_bound,
+            }
         return {
             "sites": [asdict(s) for s in self.sites],
-            "behavioural": None if self.behavioural is None else asdict(self.behavioural),
+            "behavioural": behavioural,
             "note": self.note,
         }
 
@@ -249,7 +270,7 @@ def degeneracy_report(
     tolerance: float = 0.0,
     params: str | Sequence[str] | None = None,
 ) -> DegeneracyReport:
-    """Measure the three sources of degeneracy at each site, and the exact total if possible.
+    """Measure the three sources of degeneracy at each site, and the behavioural total if possible.
 
     Per site it reads ``stats[site].acts`` (always), ``.grads`` (when collected with
     ``jacobians=...``) and ``.firing`` (when collected with ``firing=True``).
@@ -258,7 +279,7 @@ def degeneracy_report(
         stats: ``run.stats`` from :func:`degen_hooks.collect`.
         sites: Sites to report on; ``None`` means all, in the order of ``stats``.
         model: The model; used to infer ``d_next`` (see below) and, with ``data``, for the
-            exact behavioural count.
+            behavioural count.
         data: Inputs for :func:`behavioural_null_dimension` (a tensor or an iterable of
             batches). Only for small models: it forms the full parameter Jacobian.
         rtol: Relative threshold for every rank. A covariance or Gram eigenvalue counts when

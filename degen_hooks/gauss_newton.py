@@ -27,7 +27,7 @@ _EPS = torch.finfo(torch.float64).eps
 
 @dataclass(frozen=True)
 class BehaviouralNull:
-    """Exact zero directions of the behavioural Gauss-Newton matrix.
+    """Zero directions of the behavioural Gauss-Newton matrix on the data given.
 
     Attributes:
         null_dim: ``n_params - rank``.
@@ -42,6 +42,16 @@ class BehaviouralNull:
     rank: int
     n_rows: int
     rtol: float
+
+    @property
+    def is_upper_bound(self) -> bool:
+        """Whether the data, not the model, set the count.
+
+        When the Jacobian's rank equals its number of rows (and is below ``n_params``), every
+        row was independent: more samples could raise the rank, so ``null_dim`` is only an
+        upper bound on the model's degeneracy, not the exact count.
+        """
+        return self.rank >= self.n_rows and self.rank < self.n_params
 
 
 def behavioural_null_dimension(

@@ -13,6 +13,7 @@ TransformerLens is imported when a model is loaded (through :mod:`degen_hooks.zo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,14 +154,27 @@ def fourier_summary(
 
 
 def _site_acts(model: nn.Module, site: Site, tokens: torch.Tensor) -> torch.Tensor:
-    acts: list[torch.Tensor] = []
-    ((resolved, module),) = resolve_sites(model, [site])  # a bridge's hook aliases too
-    with SiteHook(model, resolved, module, lambda act: acts.append(act.detach())):
+    return _sites_acts(model, [site], tokens)[site.key]
+
+
+def _sites_acts(
+    model: nn.Module, sites: list[Site], tokens: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The activations of several sites on ``tokens``, read in one pass over them."""
+    acts: dict[str, list[torch.Tensor]] = {site.key: [] for site in sites}
+    resolved = resolve_sites(model, sites)  # a bridge's hook aliases too
+    with contextlib.ExitStack() as stack:
+        for site, (target, module) in zip(sites, resolved, strict=True):
+            read = acts[site.key].append
+            stack.enter_context(SiteHook(model, target, module, lambda a, r=read: r(a.detach())))
         with torch.no_grad():
             for batch in tokens.split(4096):
                 model(batch)
-    act = torch.cat(acts)
-    return act[:, -1] if site.positions == "last" else act
+    out = {}
+    for site in sites:
+        act = torch.cat(acts[site.key])
+        out[site.key] = act[:, -1] if site.positions == "last" else act
+    return out
 
 
 def analyse_modadd(
@@ -229,9 +243,8 @@ def analyse_modadd(
     mark = time.perf_counter()
     grid = load_modadd_data_grid(data.p)
     fourier = {}
-    for site in modadd_sites()[1:]:
-        feats = lib.transform(_site_acts(model, site, grid), site.key)
-        fourier[site.key] = fourier_summary(feats, data.p)
+    for key, acts in _sites_acts(model, modadd_sites()[1:], grid).items():
+        fourier[key] = fourier_summary(lib.transform(acts, key), data.p)
     timings["fourier"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     accuracy = next(iter(curves.values())).baseline if curves else float("nan")

@@ -34,6 +34,7 @@ import torch
 
 from ._checks import check_fitted
 from ._errors import EmptyStatisticsError, FormatError
+from ._estimator import ParamsMixin
 from ._grouping import complete_linkage, identical_rows
 from .accumulators import CoFiring
 from .statistics import SiteStatistics, Statistics
@@ -47,7 +48,7 @@ _FIRING_HINT = (
 )
 
 
-class SynchronizedNeurons:
+class SynchronizedNeurons(ParamsMixin):
     """Find groups of neurons whose firing patterns agree on (almost) every sample.
 
     Args:
@@ -92,6 +93,9 @@ class SynchronizedNeurons:
         site_: The site fitted (``None`` when fit on a bare ``CoFiring``).
         threshold_: The firing threshold the counts used.
 
+    Follows scikit-learn's estimator protocol: ``get_params`` / ``set_params``, and
+    ``sklearn.base.clone`` gives an unfitted copy with the same hyperparameters.
+
     Examples:
         >>> import torch
         >>> from degen_hooks import CoFiring
@@ -108,44 +112,6 @@ class SynchronizedNeurons:
         self.tolerance = tolerance
         self.min_size = min_size
         self.include_dead = include_dead
-
-    # -- scikit-learn protocol ------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The hyperparameters, as passed to ``__init__``.
-
-        Args:
-            deep: Ignored (no nested estimators); kept for scikit-learn compatibility.
-
-        Returns:
-            ``{"tolerance": ..., "min_size": ..., "include_dead": ...}``.
-        """
-        return {
-            "tolerance": self.tolerance,
-            "min_size": self.min_size,
-            "include_dead": self.include_dead,
-        }
-
-    def set_params(self, **params: Any) -> SynchronizedNeurons:
-        """Set hyperparameters by name.
-
-        Args:
-            **params: New values of ``tolerance``, ``min_size`` or ``include_dead``.
-
-        Returns:
-            ``self`` (refit to apply them).
-
-        Raises:
-            ValueError: If a name is not a hyperparameter.
-        """
-        unknown = set(params) - set(self.get_params())
-        if unknown:
-            raise ValueError(
-                f"Unknown parameter(s) {sorted(unknown)} for SynchronizedNeurons; valid: "
-                f"{sorted(self.get_params())}."
-            )
-        for key, value in params.items():
-            setattr(self, key, value)
-        return self
 
     def fit(
         self,
@@ -345,7 +311,7 @@ class SynchronizedNeurons:
         check_fitted(self, _FITTED)
         return {
             "class": "SynchronizedNeurons",
-            "params": self.get_params(),
+            "params": self.get_params(deep=False),
             "site": self.site_,
             "threshold": self.threshold_,
             "n_samples": self.n_samples_,

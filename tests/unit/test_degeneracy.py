@@ -226,6 +226,22 @@ def test_report_text_html_and_dict():
     assert "pass next_widths={site: width}" in bare
 
 
+def test_report_calls_a_row_limited_count_an_upper_bound():
+    model, x = generic_net(n=60)
+    enough = degeneracy_report(stats_of(model, x), model=model, data=x)
+    assert not enough.behavioural.is_upper_bound
+    assert "exact on these data" in str(enough)
+    assert enough.to_dict()["behavioural"]["is_upper_bound"] is False
+    # 4 samples x 5 outputs = 20 rows for 65 parameters: every row is independent.
+    few = degeneracy_report(stats_of(model, x[:4]), model=model, data=x[:4])
+    b = few.behavioural
+    assert (b.rank, b.n_rows, b.null_dim) == (20, 20, 45) and b.is_upper_bound
+    text = str(few)
+    assert "at most 45 of 65 parameters, an upper bound, not the exact count" in text
+    assert "rank 20 equals its 20 output rows" in text and "exact on these data" not in text
+    assert few.to_dict()["behavioural"]["is_upper_bound"] is True
+
+
 def test_report_random_probes_are_flagged():
     model, x = generic_net(n=30)
     report = degeneracy_report(stats_of(model, x, sites=["0"], jacobians="rademacher"))

@@ -36,7 +36,7 @@ def assert_same(before, after) -> None:
 
 
 # -- one-shot data ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("variant", "n_passes"), [("local", 3), ("global", 2)])
+@pytest.mark.parametrize(("variant", "n_passes"), [("lib", 3), ("global", 2)])
 def test_build_bases_refuses_a_generator_it_would_iterate_again(variant, n_passes):
     data = batches()
     match = (
@@ -126,7 +126,7 @@ def test_min_edges_refuses_a_generator():
 BUILD_FIX = r"forward=lambda model, batch: model\(batch\.requires_grad_\(\)\)"
 
 
-@pytest.mark.parametrize("variant", ["local", "global"])
+@pytest.mark.parametrize("variant", ["lib", "global"])
 def test_build_bases_on_a_frozen_model_suggests_forward(variant):
     model = relu_mlp().requires_grad_(False)
     with pytest.raises(

@@ -74,6 +74,15 @@ def running_eagerly(model: nn.Module) -> Iterator[None]:
             setattr(module, attribute, value)
 
 
+def _outside_dispatch_modes() -> contextlib.AbstractContextManager[Any]:
+    """Leave the active ``TorchDispatchMode`` s (if any) for the duration of the block."""
+    from torch.utils import _python_dispatch as dispatch
+
+    if dispatch._get_current_dispatch_mode() is None:
+        return contextlib.nullcontext()
+    return dispatch._disable_current_modes()
+
+
 # -- finding and replacing the site's tensor --------------------------------------------------
 def find_element(value: Any, element: int | str | None = None) -> tuple[torch.Tensor | None, Path]:
     """The tensor of a module output and its path: ``element`` or the default one.
@@ -336,8 +345,14 @@ class SiteHook:
         if not in_backward():
             self.shapes.append(tuple(act.shape))
             self.n_fired += 1
+        if not self.writes:
+            # A read is no part of the model's computation: dispatch modes around the model
+            # (a FLOP counter, say) do not see the statistics' arithmetic.
+            with _outside_dispatch_modes():
+                self.fn(act)
+            return None
         new = self.fn(act)
-        if new is None or not self.writes:
+        if new is None:
             return None
         if new.shape != act.shape:
             raise ShapeMismatchError(

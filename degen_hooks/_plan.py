@@ -19,6 +19,7 @@ or none (an MLP section from moments already collected).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ from ._hooks import SiteHook
 from .jacobians import Probe, count_probe_vectors
 from .sites import Site, resolve_sites
 
-__all__ = ["BatchProfile", "BuildPlan", "PassCost", "auto_chunk", "plan_jacobian_pass"]
+__all__ = [
+    "BatchProfile",
+    "BuildPlan",
+    "PassCost",
+    "Profiling",
+    "auto_chunk",
+    "plan_jacobian_pass",
+    "plan_passes",
+]
 
 # Elements per batched (vmapped) gradient for chunk="auto": large batches pay off on a GPU,
 # while on a CPU they are memory-bound and no faster than a loop (benchmarks/bench_build.py).
@@ -149,8 +158,12 @@ class BatchProfile:
         batch: Any,
         forward: Callable[[nn.Module, Any], Any],
         sites: Sequence[Site],
-    ) -> BatchProfile:
-        """Run ``forward(model, batch)`` once with gradients and measure it."""
+    ) -> tuple[BatchProfile, Any]:
+        """Run ``forward(model, batch)`` once with gradients and measure it.
+
+        Returns:
+            The profile and the forward's output.
+        """
         from torch.utils.flop_counter import FlopCounterMode
 
         shapes: dict[str, tuple[int, ...]] = {}
@@ -170,17 +183,42 @@ class BatchProfile:
 
         hooks = [SiteHook(model, s, m, reader(s.key)) for s, m in resolve_sites(model, sites)]
         counter = FlopCounterMode(display=False)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with contextlib.ExitStack() as stack:
             for hook in hooks:
-                hook.__enter__()
-            try:
-                with counter:
-                    forward(model, batch)
-            finally:
-                for hook in reversed(hooks):
-                    hook.__exit__(None, None, None)
+                stack.enter_context(hook)
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            stack.enter_context(counter)
+            output = forward(model, batch)
         device = "cuda" if "cuda" in devices else "cpu"
-        return cls(float(counter.get_total_flops()), saved[0], shapes, device)
+        return cls(float(counter.get_total_flops()), saved[0], shapes, device), output
+
+
+class Profiling:
+    """A ``forward(model, batch)`` that profiles its first batch (:meth:`BatchProfile.measure`)
+    and runs the others as they are: a pass over the data measures one batch on the way,
+    without iterating the data once more.
+
+    Attributes:
+        profile: The first batch's :class:`BatchProfile`, once it ran (``None`` before, or
+            when it could not be measured: the pass then runs as it would have).
+    """
+
+    def __init__(self, forward: Callable[[nn.Module, Any], Any], sites: Sequence[Site]) -> None:
+        self.forward, self.sites = forward, list(sites)
+        self.profile: BatchProfile | None = None
+        self._done = False
+
+    def __call__(self, model: nn.Module, batch: Any) -> Any:
+        if self._done:
+            return self.forward(model, batch)
+        self._done = True
+        try:
+            resolve_sites(model, self.sites)
+        except Exception:  # noqa: BLE001 - a plan is advice: the pass runs without one
+            return self.forward(model, batch)
+        self.profile, output = BatchProfile.measure(model, batch, self.forward, self.sites)
+        return output
 
 
 def n_probe_vectors(

@@ -18,6 +18,7 @@ besides, and ``basis.timings_`` the seconds spent in each pass.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ from torch import nn
 
 from ._batches import require_reiterable
 from ._errors import EmptyStatisticsError, GradientError, ShapeMismatchError
+from ._plan import BatchProfile, BuildPlan, PassCost, Profiling, advice, plan_passes
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
@@ -70,9 +72,16 @@ def build_bases(
     distributed: bool = False,
     group: Any = None,
     timeout: timedelta | float | None = None,
+    mask: Callable[[Any], torch.Tensor | None] | None = None,
+    dry_run: bool = False,
     progress: bool = True,
-) -> InteractionBasis:
+) -> InteractionBasis | BuildPlan:
     """Build the bases of ``sites`` (ordered from input to output) in one call.
+
+    Before any backward pass, one batch is profiled and every pass costed (backward passes,
+    FLOPs, peak memory; see :mod:`degen_hooks._plan`): the progress bar shows each pass's
+    cost, a pass above ``1e13`` FLOPs or 5,000 backward passes warns with what would help,
+    and ``dry_run=True`` returns the plan without running the build.
 
     Args:
         model: Any ``nn.Module``.
@@ -121,10 +130,17 @@ def build_bases(
             exchange and at the end (a ``timedelta`` or seconds) before raising a
             ``DistributedError`` naming the absent ranks; default: the timeout ``group``
             was created with. Ignored otherwise.
+        mask: ``mask(batch) -> (batch, pos)`` boolean mask of the real tokens (padding
+            ``False``) of each batch, as in ``run.over(..., mask=...)``: padding is no sample,
+            and ``positions="last"`` is each row's last real token.
+        dry_run: Profile one batch and return the :class:`~degen_hooks._plan.BuildPlan`
+            (each pass, its method, its estimated cost) instead of building.
         progress: Show tqdm progress bars.
 
     Returns:
-        A fitted :class:`~degen_hooks.InteractionBasis` with ``stats_`` (the statistics of
+        With ``dry_run=True``, the plan. Otherwise a fitted
+        :class:`~degen_hooks.InteractionBasis` with ``plan_`` (the costed plan, ``None``
+        when no pass needed one), ``stats_`` (the statistics of
         its sites, keys exactly ``sites_``: refitting another variant on them gives the same
         sites), ``section_stats_`` (what the closed-form MLP sections read besides: a
         :class:`~degen_hooks.Statistics` keyed by the section's first site, the derivative
@@ -205,8 +221,40 @@ def build_bases(
             "torch.inference_mode() is active). Call build_bases outside those blocks (its "
             "activation pass already runs without gradients)."
         )
+    if mask is not None:
+        passes = [k for k, (section, _) in sections.items() if not isinstance(section, MLPSection)]
+        if passes:
+            raise ValueError(
+                f"build_bases(mask=...) with the closed-form sections of {passes}: their "
+                "forward passes take no padding mask yet. Pass sections=None for backward "
+                "passes at those sites, or batches without padding."
+            )
+    call = forward or (lambda model, batch: model(batch))
+    target = out_site if out_site is not None else Site("", label=_MODEL_OUTPUT)
+    profiling = Profiling(call, [*site_objs, target])
+    plan_of = functools.partial(
+        _cost_plan,
+        data,
+        site_objs,
+        sections,
+        target,
+        output_positions,
+        variant,
+        jacobians=jacobians,
+        n_probes=n_probes,
+        chunk=chunk,
+    )
+    if dry_run:
+        profiling(model, next(iter(data)))
+        if profiling.profile is None:
+            raise ShapeMismatchError(
+                f"build_bases(dry_run=True) could not profile a batch: a site or the "
+                f"target ({target.key!r}) is not a module of {type(model).__name__}."
+            )
+        return plan_of(profiling.profile)
     timings: dict[str, float] = {}
     common = {"forward": forward, "progress": progress}
+    over_kw = {**common, "mask": mask}
 
     def combined(stats: _Combined) -> _Combined:
         if distributed:
@@ -229,7 +277,10 @@ def build_bases(
     derivatives = {k: sections[k[: -len(_DERIVS)]][0].activation for k in derivative_sites}
     started = time.perf_counter()
     with collect(model, pass_sites, derivatives=derivatives) as run:
-        run.over(data, desc="activations", **common)
+        # The first batch is profiled on the way: the plan costs the passes to come.
+        run.over(data, desc="activations", **{**over_kw, "forward": profiling})
+    plan = None if profiling.profile is None else plan_of(profiling.profile)
+    costs = {} if plan is None else {cost.name: cost for cost in plan.passes}
     # The sites' statistics, apart from what only the closed forms read (#18): refitting
     # another variant on basis.stats_ must give the same sites, not one per section too.
     everything = combined(run.stats)
@@ -238,7 +289,7 @@ def build_bases(
     output_stats = everything[out_site.key] if rotate_output and out_site is not None else None
     _check_saw_samples(stats, keys)
     timings["activations"] = time.perf_counter() - started
-    extras = {"section_stats_": section_stats, "output_stats_": output_stats}
+    extras = {"section_stats_": section_stats, "output_stats_": output_stats, "plan_": plan}
 
     basis_variant = {"pca": "pca", "neuron": "neuron"}.get(variant, "lib")
     basis = InteractionBasis(variant=basis_variant, rtol=rtol, atol=atol, n_components=n_components)
@@ -259,9 +310,10 @@ def build_bases(
     if variant == "global":
         started = time.perf_counter()
         run = collect(model, site_objs, readout=readout, **target_kw, **probe_kw)
+        desc = _announce("jacobians (global)", costs, sections, probes_output=out_site is None)
         try:
             with run:
-                run.over(data, desc="jacobians (global)", **common)
+                run.over(data, desc=desc, **over_kw)
         except GradientError as err:
             teaching = _no_gradient_error(model, run)
             if teaching is None:
@@ -305,9 +357,10 @@ def build_bases(
             label += " (closed form)"
         else:
             run = collect(model, [site], readout=readout, **target_kw, **probe_kw)
+            desc = _announce(label, costs, sections, probes_output="target" not in target_kw)
             try:
                 with run:
-                    run.over(data, desc=label, **common)
+                    run.over(data, desc=desc, **over_kw)
             except GradientError as err:
                 teaching = _no_gradient_error(model, run)
                 if teaching is None:
@@ -457,4 +510,59 @@ def _finish(
     basis.output_rotation_ = output_rotation
     basis.section_stats_ = extras["section_stats_"]
     basis.output_stats_ = extras["output_stats_"]
+    basis.plan_ = extras.get("plan_")
     return basis
+
+
+# The key of the model output in a profiled batch (no site may be labelled so).
+_MODEL_OUTPUT = "(model output)"
+
+
+def _cost_plan(
+    data: Iterable[Any],
+    site_objs: list[Site],
+    sections: Mapping[str, tuple[Any, Any]],
+    target: Site,
+    output_positions: Any,
+    variant: str,
+    profile: BatchProfile,
+    *,
+    jacobians: str,
+    n_probes: int,
+    chunk: int | str,
+) -> BuildPlan:
+    """Every pass of the build, costed from one profiled batch (see :mod:`._plan`)."""
+    closed = {
+        key: "moments" if isinstance(section, MLPSection) else "forward"
+        for key, (section, _) in sections.items()
+    }
+    return plan_passes(
+        profile,
+        variant=variant,
+        keys=[s.key for s in site_objs],
+        closed_forms=closed,
+        target_key=target.key,
+        output_positions=output_positions if target.key == _MODEL_OUTPUT else target.positions,
+        jacobians=jacobians,
+        n_probes=n_probes,
+        chunk=chunk,
+        n_batches=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
+    )
+
+
+def _announce(
+    label: str, costs: Mapping[str, PassCost], sections: Mapping[str, Any], probes_output: bool
+) -> str:
+    """The progress-bar label of a backward pass, with its cost; warn when it is large."""
+    cost = costs.get(label)
+    if cost is None:
+        return label
+    if cost.is_expensive:
+        key = label.removeprefix("jacobians ")
+        tips = advice(cost, has_closed_form=key in sections, probes_output=probes_output)
+        warnings.warn(
+            f"build_bases: the pass {label!r} will take {cost.describe()}. What helps: "
+            f"{tips}. build_bases(..., dry_run=True) shows the plan of every pass.",
+            stacklevel=4,
+        )
+    return f"{label} [{cost.describe()}]"

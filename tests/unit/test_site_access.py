@@ -433,6 +433,7 @@ def test_a_stale_mask_warns_and_over_sets_one_mask_per_batch():
     assert run._mask is None  # cleared after the loop
 
 
+@pytest.mark.filterwarnings("ignore:Site 'embed' has 3 samples:UserWarning")
 def test_ablation_with_padding_writes_the_last_real_token():
     model = PositionModel().double()
     x = torch.randn(3, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -30,13 +30,14 @@ from torch import nn
 
 from ._batches import require_reiterable
 from ._errors import EmptyStatisticsError, GradientError, ShapeMismatchError
+from ._family import family_hook
 from ._plan import BatchProfile, BuildPlan, PassCost, Profiling, advice, plan_passes
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
 from .collect import collect
 from .distributed import _guard_ranks, all_reduce_
-from .sites import Site, _is_transformer_lens, _unwrap
+from .sites import Site, _unwrap
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["build_bases"]
@@ -470,11 +471,11 @@ def _is_section(section: Any) -> bool:
 def _auto_sections(
     model: nn.Module, site_objs: list[Site], out_site: Site | None, output_positions: Any
 ) -> Mapping[str, tuple[Any, Site | None]]:
-    """``sections="auto"``: TransformerLens blocks, or ``nn.Sequential`` MLP sections."""
-    if _is_transformer_lens(_unwrap(model)[0]):
-        from .transformer_lens import find_sections  # lazy: only TransformerLens models
-
-        return find_sections(model, site_objs, out_site, output_positions)
+    """``sections="auto"``: what the model's family finds (TransformerLens blocks), or the
+    ``Linear -> activation -> Linear`` sections of ``nn.Sequential`` models."""
+    found = family_hook(_unwrap(model)[0], "find_sections")
+    if found is not None:
+        return found(model, site_objs, out_site, output_positions)
     return find_mlp_sections(model, site_objs, out_site)
 
 

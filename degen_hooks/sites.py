@@ -427,11 +427,6 @@ def _matches(
     return hits
 
 
-def _is_transformer_lens(model: nn.Module) -> bool:
-    """Whether a class of ``model`` comes from TransformerLens (imports nothing)."""
-    return any(c.__module__.split(".")[0] == "transformer_lens" for c in type(model).__mro__)
-
-
 def _site_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules by site name: ``named_modules()``, or what the model's family lists (a
     TransformerLens bridge adds its hook paths and aliases)."""

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .._errors import SiteNotFoundError, SiteNotWritableError
-from ..sites import _is_transformer_lens, _unwrap
+from ..sites import _unwrap
 
 # Children through which a TransformerBridge reaches the wrapped model a second time.
 _WRAPPED_CHILDREN = frozenset({"_original_component", "original_component", "original_model"})
@@ -52,7 +52,8 @@ def is_transformer_lens(model: nn.Module) -> bool:
     Returns:
         ``True`` if a class in ``type(model).__mro__`` is defined in ``transformer_lens``.
     """
-    return _is_transformer_lens(_unwrap(model)[0])
+    inner = _unwrap(model)[0]
+    return any(c.__module__.split(".")[0] == "transformer_lens" for c in type(inner).__mro__)
 
 
 # -- names -----------------------------------------------------------------------------------

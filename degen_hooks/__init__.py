@@ -59,7 +59,8 @@ from .export import export_graph, export_saelens
 from .degeneracy import DegeneracyReport, behavioural_null_dimension, degeneracy_report
 from .jacobians import Probe
 
-# Local learning coefficient
+# Local learning coefficient (samplers, diagnostics, calibration: dh.llc.*)
+from . import llc
 from .llc import LLCResult, estimate_llc
 from .sites import Site, find_sites
 from .statistics import SiteStatistics, Statistics
@@ -110,6 +111,7 @@ __all__ = [
     # local learning coefficient
     "LLCResult",
     "estimate_llc",
+    "llc",
     # errors
     "DegenHooksError",
     "DistributedError",

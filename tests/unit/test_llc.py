@@ -26,6 +26,8 @@ from degen_hooks._errors import (
 )
 from degen_hooks.llc import LLCResult, estimate_llc
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*(effective draws|not flattened|disagree)")
+
 N_SYNTHETIC = 10_000
 N_BETA_SYNTHETIC = N_SYNTHETIC / math.log(N_SYNTHETIC)  # ≈ 1085.7
 
@@ -40,6 +42,15 @@ class Potential(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.potential(self.w).reshape(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared machine, more threads only contend (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def potential_loss(outputs, batch, reference):
@@ -246,7 +257,8 @@ def test_params_restricts_sampling_to_the_chosen_layer():
         return m(batch)
 
     settings = dict(step_size=1e-4, gamma=10.0, n_chains=2, n_draws=300, progress=False)
-    last = estimate_llc(model, data, params="2", forward=forward, **settings)
+    # One chain at a time: under vmap, forward would see (and keep) batched tensors.
+    last = estimate_llc(model, data, params="2", forward=forward, parallel=False, **settings)
     assert last.param_names == ("2.weight", "2.bias")
     assert last.n_params == 5
     assert all(torch.equal(w, model[0].weight) for w in seen["0.weight"])
@@ -365,10 +377,15 @@ def test_float32_model_and_dict_batches_with_forward():
 def test_exploding_chain_raises_with_chain_draw_and_advice():
     with pytest.raises(
         DivergenceError,
-        match=r"chain 0 diverged at burn-in step \d+: batch loss .* smaller step_size \(now 0.1\)"
-        r" or a larger gamma",
-    ):
+        match=r"SGLD chain \d diverged at burn-in step \d+: batch loss .* smaller step_size "
+        r"\(now 0.1\) or a larger gamma",
+    ) as caught:
         synthetic_llc(lambda w: w.square().sum(), 2, step_size=0.1)
+    partial = caught.value.result  # the traces up to the divergence, for a trace plot
+    assert [d.kind for d in partial.diagnostics] == ["divergence"]
+    assert math.isnan(partial.llc)
+    figure = partial.plot_trace()
+    assert any("diverged" in text.get_text() for text in figure.axes[0].texts)
 
 
 def test_nan_loss_raises_divergence():
@@ -443,13 +460,17 @@ def test_result_round_trips_through_json_and_plots():
     assert restored.hyperparameters == result.hyperparameters
     assert restored.hyperparameters["n_beta_source"] == "n/log(n)"
     assert torch.equal(restored.loss_traces, result.loss_traces)
+    assert torch.equal(restored.burnin_traces, result.burnin_traces)
+    assert restored.diagnostics == result.diagnostics
+    assert restored.ess == result.ess
     assert repr(result).startswith("LLCResult(llc=")
 
     from matplotlib.figure import Figure
 
     figure = result.plot_trace()
     assert isinstance(figure, Figure)
-    assert len(figure.axes[0].lines) == 2  # one chain and the loss at w*
+    assert len(figure.axes[0].lines) == 3  # the chain's draws, its burn-in, the loss at w*
+    assert figure._repr_png_().startswith(b"\x89PNG")  # what a notebook displays
 
 
 def test_progress_bar_is_shown_on_request(capfd):

@@ -11,8 +11,8 @@ absolute seconds are only indicative.
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks                  # everything (~6 min)
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks --quick          # smoke run (~2 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks                  # everything (~12 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks --quick          # smoke run (~3 min)
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks --only build --only transformer
 
 Only a full run of every benchmark writes ``BENCHMARKS.md`` by default; ``--out PATH`` writes
@@ -55,8 +55,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "cofiring": ("benchmarks.bench_cofiring", "co-firing counts and synchronized neurons"),
     "jacobians": ("benchmarks.bench_jacobians", "Jacobian Grams: exact probes, closed form"),
     "build": ("benchmarks.bench_build", "full interaction-basis build, peak memory"),
+    "graph": ("benchmarks.bench_graph", "interaction-graph edges: closed form vs backward"),
     "transformer": ("benchmarks.bench_transformer", "GPT-2-small-shaped MLP statistics"),
     "llc": ("benchmarks.bench_llc_devinterp", "LLC estimate vs devinterp"),
+    "llc_parallel": ("benchmarks.bench_llc_parallel", "LLC chains stacked vs one after another"),
+    "llc_calibration": ("benchmarks.bench_llc_calibration", "LLC of potentials with known values"),
 }
 
 

@@ -28,6 +28,7 @@ closed forms read. So a site means the same tensor to all of them:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -37,7 +38,7 @@ from torch import nn
 
 from ._errors import ShapeMismatchError
 
-__all__ = ["SiteHook", "find_element", "in_backward"]
+__all__ = ["SiteHook", "alone", "find_element", "in_backward", "is_set_aside"]
 
 Path = tuple[Any, ...]
 
@@ -49,6 +50,30 @@ def in_backward() -> bool:
     backward; its graph task id is -1 outside any backward pass.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+# The one SiteHook that sees the model's passes while a check runs (``alone``); ``None``: all.
+_ALONE: contextvars.ContextVar[Any] = contextvars.ContextVar("degen_hooks_alone", default=None)
+
+
+@contextlib.contextmanager
+def alone(hook: SiteHook) -> Iterator[None]:
+    """While the block runs, every other site hook (and collection) ignores the model.
+
+    For the library's own checks (a probe write on a short input): a collection around
+    them must not count the probe's forward passes as batches.
+    """
+    token = _ALONE.set(hook)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def is_set_aside(hook: Any = None) -> bool:
+    """Whether ``hook`` (or any hook, when ``None``) is set aside by :func:`alone`."""
+    current = _ALONE.get()
+    return current is not None and current is not hook
 
 
 @contextlib.contextmanager
@@ -304,15 +329,20 @@ class SiteHook:
 
     # -- the model's passes -------------------------------------------------------------------
     def _pass_begins(self, *_: Any) -> None:
+        if is_set_aside(self):
+            return
         if self._depth == 0 and not in_backward():
             self.calls, self.shapes, self._pending = 0, [], None
         self._depth += 1
 
     def _pass_ends(self, *_: Any) -> None:
-        self._depth = max(0, self._depth - 1)
+        if not is_set_aside(self):
+            self._depth = max(0, self._depth - 1)
 
     def _selected(self) -> bool:
         """Count this call; whether ``fn`` runs on it (``site.call`` picks one call)."""
+        if is_set_aside(self):
+            return False
         if in_backward():  # a checkpoint recomputing: counted in the forward already
             return self.writes
         if self._depth == 0:  # the module called on its own, outside the model
@@ -367,6 +397,8 @@ class SiteHook:
         return new
 
     def _on_bypass(self, module: nn.Module, _args: Any, output: Any) -> Any:
+        if is_set_aside(self):
+            return None
         change, self._pending = self._pending, None
         if change is None:
             return None

@@ -10,12 +10,16 @@ with ``*`` the elementwise product. The only data statistic is the second moment
 derivative vector ``sigma'(z)``, collected in the same forward pass as the activation Gram; for
 ReLU it is the co-firing matrix. A residual section ``y = x + MLP(x)`` adds the identity to
 ``J`` and needs ``E[sigma'(z)]`` as well.
+
+The same Jacobian gives the interaction-graph edges (lib_math §7.1) without backward passes:
+:meth:`MLPSection.edge_sums` forms every row's Jacobian in feature coordinates from the
+section's captured input and pre-activations, a few batched matrix products per chunk of rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +32,24 @@ from .sites import Site
 __all__ = ["MLPSection", "activation_derivative", "find_mlp_sections"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+#: Elements of the per-chunk temporaries of closed-form edges (8 MiB of float64 each).
+EDGE_ELEMENTS = 2**20
+
+
+def _add_squares(
+    edges: torch.Tensor, attribution: torch.Tensor, signs: torch.Tensor | None
+) -> None:
+    """``edges += sum_(b, t) attribution^2``, or with ``signs`` the squares of signed sums.
+
+    ``attribution`` is ``(b, t, ...)`` (samples, output positions); ``signs`` is
+    ``(n_sources, b, t, 1)``: the stochastic edges square ``sum_t phi_st attribution_bt``.
+    """
+    if signs is None:
+        edges += attribution.square().sum((0, 1))
+        return
+    n_sources, n, n_pos = signs.shape[:3]
+    mixed = signs.reshape(n_sources, n, n_pos).permute(1, 0, 2) @ attribution.reshape(n, n_pos, -1)
+    edges += mixed.square().sum((0, 1)).reshape(edges.shape)
 
 
 def _relu(z: torch.Tensor) -> torch.Tensor:
@@ -239,6 +261,137 @@ class MLPSection:
             gram = gram + q + cross + cross.T
         # Symmetric by construction; symmetrise the rounding so eigh sees an exact one.
         return (gram + gram.T) / 2
+
+    def edge_sums(
+        self,
+        features: torch.Tensor,
+        readin: torch.Tensor | None,
+        readout: torch.Tensor | None,
+        *,
+        inputs: torch.Tensor | None = None,
+        pre: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+        alphas: Sequence[float] = (1.0,),
+        weights: Sequence[float] = (1.0,),
+        signs: torch.Tensor | None = None,
+        elements: int | None = None,
+    ) -> torch.Tensor:
+        """Un-normalised interaction-graph edges of one batch, from the forward pass alone.
+
+        The section acts position by position, so the derivative of output position ``t``
+        depends on input position ``t`` only. In feature coordinates (row convention, input
+        ``x = f @ readin + mean``, output features ``y @ readout``) the Jacobian of one row is
+
+            J(x)^T = readin W_in^T diag(sigma'(z(x))) W_out^T readout  (+ readin readout)
+
+        (``r x r_next``; the bracket for a residual section), and the edges are
+        ``E_ij = sum_{b,t} (f_tj sum_k w_k J(x_k)_ji)^2`` with ``x_k = alpha_k f @ readin +
+        mean`` (lib_math §7.1: input positions summed inside the square, output positions
+        outside). ``sum_k w_k J(x_k)`` is linear in ``sigma'``, so integrated gradients
+        average ``sigma'(z_k)`` first: one product per row, whatever the number of points.
+        ``z_k = pre + (x_k - inputs) W_in^T`` moves the captured pre-activations to the
+        rebuilt input. Rows are processed in chunks of ``elements`` (memory ``O(elements +
+        r r_next)``, whatever the number of rows).
+
+        Args:
+            features: Input features ``f``, shape ``(batch, n_pos, r)``, float64.
+            readin: ``C_pinv``, ``(r, d_in)`` (``None``: the features are the raw input).
+            readout: ``(d_out, r_next)`` read-out of the output; identity when ``None``.
+            inputs: The captured input ``x`` at the same rows, ``(batch, n_pos, d_in)``
+                (not needed for a linear section).
+            pre: The captured pre-activations ``z``, ``(batch, n_pos, d_mlp)`` (idem).
+            mean: The offset the input is rebuilt with (``mu``, not scaled by ``alpha``).
+            alphas: Integration points ``alpha_k``.
+            weights: Integration weights ``w_k``.
+            signs: Random signs ``(n_sources, batch, n_pos, 1)`` combining output positions
+                (stochastic edges), or ``None`` for exact edges.
+            elements: Most elements of a chunk's temporaries (default ``EDGE_ELEMENTS``).
+
+        Returns:
+            ``E``, shape ``(r_next, r)``, float64: the batch's sums (divide by the rows).
+
+        Raises:
+            ShapeMismatchError: If ``readin`` or ``readout`` does not fit the section.
+            ValueError: For a non-linear section without ``inputs`` and ``pre``.
+        """
+        f64 = torch.float64
+        elements = EDGE_ELEMENTS if elements is None else elements
+        device = features.device
+        w_in = self.w_in.detach().to(device=device, dtype=f64)
+        w_out = self.w_out.detach().to(device=device, dtype=f64)
+        d_in, d_out = w_in.shape[1], w_out.shape[0]
+        if readin is not None and (readin.ndim != 2 or readin.shape[1] != d_in):
+            raise ShapeMismatchError(
+                f"Read-in of shape {tuple(readin.shape)} cannot feed the section's input of "
+                f"width {d_in}: it must be an (r, d_in) = (r, {d_in}) matrix."
+            )
+        if readout is not None and (readout.ndim != 2 or readout.shape[0] != d_out):
+            raise ShapeMismatchError(
+                f"Readout of shape {tuple(readout.shape)} cannot read the section output of "
+                f"width {d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
+            )
+        readin = None if readin is None else readin.detach().to(device=device, dtype=f64)
+        readout = None if readout is None else readout.detach().to(device=device, dtype=f64)
+        a_in = w_in.T if readin is None else readin @ w_in.T  # (r, d_mlp)
+        b_out = w_out.T if readout is None else w_out.T @ readout  # (d_mlp, r_next)
+        w = torch.as_tensor(list(weights), dtype=f64, device=device)
+        total = w.sum()  # 1 up to rounding; kept so every term is weighted as autograd's
+        skip = None
+        if self.residual:
+            eye = torch.eye(d_in, dtype=f64, device=device)
+            read = eye if readout is None else readout
+            skip = total * (read if readin is None else readin @ read)  # (r, r_next)
+        n, n_pos, r = features.shape
+        edges = torch.zeros(r, b_out.shape[1], dtype=f64, device=device)  # transposed E
+        if self.is_linear:
+            # A constant Jacobian: E_ij = J_ji^2 sum (f_tj or its signed sums over t)^2.
+            jac = total * (a_in @ b_out) + (0 if skip is None else skip)
+            mixed = (
+                features if signs is None else torch.einsum("sbt,btj->sbj", signs[..., 0], features)
+            )
+            return (jac.square() * mixed.square().sum((0, 1))[:, None]).T
+        if inputs is None or pre is None:
+            raise ValueError(
+                f"A {self.activation!r} section needs the captured inputs and pre-activations "
+                "of the batch (inputs=, pre=); only a linear section needs neither."
+            )
+        derivative = activation_derivative(self.activation)
+        shift = 0 if mean is None else mean.to(device=device, dtype=f64)
+        d_mlp, r_next = self.d_mlp, b_out.shape[1]
+        # J_n = sum_k s_nk a_in[:, k] b_out[k, :]: one product slope @ P of the chunk's
+        # derivatives with P[k, (j, i)] = a_in[j, k] b_out[k, i], P in blocks of input
+        # features j. Chunks hold whole samples (signs mix a sample's positions).
+        per_sample = n_pos * d_mlp
+        step = max(1, elements // per_sample)
+        width = max(1, min(r, elements // (d_mlp * r_next), elements // (step * n_pos * r_next)))
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            f = features[part].reshape(-1, r)
+            x = inputs[part].reshape(-1, inputs.shape[-1]).to(f64)
+            z = pre[part].reshape(-1, d_mlp).to(f64)
+            slope = torch.zeros_like(z)
+            for alpha, weight in zip(alphas, w, strict=True):
+                rebuilt = alpha * f if readin is None else (alpha * f) @ readin
+                slope += weight * derivative(z + (rebuilt + shift - x) @ w_in.T)
+            for first in range(0, r, width):
+                block = slice(first, first + width)
+                if signs is None:
+                    # Exact edges: E_ji += sum_n f_nj^2 J_n[j, i]^2, J laid out (j, i, n)
+                    # so that the sum over rows is one batched product.
+                    products = (a_in[block, None, :] * b_out.T[None]).reshape(-1, d_mlp)
+                    jac = (products @ slope.T).view(-1, r_next, slope.shape[0])
+                    if skip is not None:
+                        jac += skip[block, :, None]
+                    weight_rows = f[:, block].T.square()[:, :, None]  # (j, n, 1)
+                    edges[block] += torch.bmm(jac.square_(), weight_rows)[..., 0]
+                    continue
+                products = (a_in[block].T[:, :, None] * b_out[:, None, :]).reshape(d_mlp, -1)
+                jac = (slope @ products).view(-1, n_pos, products.shape[1] // r_next, r_next)
+                if skip is not None:
+                    jac += skip[block]
+                attribution = f[:, block].reshape(jac.shape[:3])[..., None] * jac
+                _add_squares(edges[block], attribution, signs[:, part])
+        return edges.T
 
 
 def _activation_name(module: nn.Module) -> str:

@@ -29,7 +29,7 @@ from ._backward import JacobianPass
 from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
 from ._errors import DegenHooksError, ShapeMismatchError, SiteNotFiredError
 from ._family import family_hook
-from ._hooks import SiteHook
+from ._hooks import SiteHook, is_set_aside
 from ._journal import Journal
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
@@ -313,6 +313,8 @@ class Collection(JacobianPass):
 
     # -- batches: every site or none ----------------------------------------------------------
     def _batch_begins(self) -> None:
+        if is_set_aside():  # the library's own probe pass: not a batch
+            return
         if self._depth > 0 and not _inside_call_of(self.model):
             # The model's last call never returned: it raised, and its batch is incomplete.
             self._abort_batch()
@@ -330,6 +332,8 @@ class Collection(JacobianPass):
         self._depth += 1
 
     def _batch_ends(self) -> None:
+        if is_set_aside():
+            return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0 and not self._checked_pass:
             self._checked_pass = True
@@ -510,6 +514,8 @@ def _batch_boundaries(
         # always_call: torch also runs this when the call raised an Exception (without
         # running on_return), so a failed batch is undone at once.
         ok, returned[0] = returned[0], False
+        if is_set_aside():  # the library's own probe pass: no batch began
+            return
         (ends if ok else aborts)()
 
     handles = [

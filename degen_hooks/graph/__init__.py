@@ -4,7 +4,9 @@ Local Interaction Basis graphs (Bushnaq et al. 2024, arXiv 2405.10928, lib_math 
 from the degeneracy paper, arXiv 2405.10927, lib_math §4.5):
 
 * :class:`InteractionGraph` computes edge strengths between the features of consecutive
-  node layers by differentiating through the model (:mod:`degen_hooks.graph.edges`);
+  node layers, from the forward pass alone where the section between them has a closed-form
+  Jacobian (MLP, linear, TransformerLens attention), else by differentiating through the
+  model (:mod:`degen_hooks.graph.edges`);
 * :func:`ablate_edges`, :func:`min_edges` and :func:`edge_ablation_curve` evaluate a model
   with only the strongest edges of one layer pair kept (:mod:`degen_hooks.graph.ablation`);
 * :func:`edges_for_mass`, :func:`gini`, :func:`interaction_network`,

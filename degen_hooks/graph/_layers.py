@@ -81,16 +81,35 @@ class NodeLayer:
     def _features_last(self, act: torch.Tensor) -> torch.Tensor:
         return act if self.site is None else self.site.features_last(act)
 
-    def features(self, act: torch.Tensor) -> torch.Tensor:
-        """Features at the layer's positions, float64, shape ``(batch, n_positions, r)``."""
+    def select(self, act: torch.Tensor) -> torch.Tensor:
+        """The raw activation at the layer's positions, float64, ``(batch, n_positions, d)``."""
         act = self._features_last(act)
         index = self._index(act)
         selected = act if index is None else act[:, index]
-        x = selected.reshape(act.shape[0], -1, act.shape[-1]).to(torch.float64)
+        return selected.reshape(act.shape[0], -1, act.shape[-1]).to(torch.float64)
+
+    def positions_of(self, act: torch.Tensor) -> torch.Tensor:
+        """The positions :meth:`select` keeps, in its order, as an index tensor ``(n_pos,)``.
+
+        An activation without a position dimension has one position, ``0``.
+        """
+        act = self._features_last(act)
+        n_pos = act.shape[1] if act.ndim >= 3 else 1
+        index = self._index(act)
+        every = torch.arange(n_pos, device=act.device)
+        return every if index is None else index
+
+    def features(self, act: torch.Tensor) -> torch.Tensor:
+        """Features at the layer's positions, float64, shape ``(batch, n_positions, r)``."""
+        return self.to_features(self.select(act), act.shape)
+
+    def to_features(self, x: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Features ``(x - mu) @ C`` of a :meth:`select`-ed activation ``x``."""
         if self.rotation is not None and x.shape[-1] != self.rotation.shape[0]:
             raise ShapeMismatchError(
                 f"Layer {self.key!r} has a basis for width {self.rotation.shape[0]}, but its "
-                f"activation has shape {tuple(act.shape)}. Use the model the basis was built on."
+                f"activation has shape {tuple(x.shape if shape is None else shape)}. Use the "
+                "model the basis was built on."
             )
         if self.mean is not None:
             x = x - self.mean.to(x.device)

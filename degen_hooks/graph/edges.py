@@ -8,10 +8,23 @@ library's row-vector, centred convention ``f_hat^l = (f^l - mu^l) @ C^l``:
 
 a squared gradient x input attribution of input feature ``j`` (summed over input positions
 ``s`` *inside* the square) to output feature ``i`` at output position ``t`` (summed
-*outside*), averaged over the ``N P_in`` rows of the input site. It is computed by
-differentiating through the model: a forward hook replaces the input site's activation by
-``z @ C_pinv + mu`` with ``z`` a leaf tensor (``z = alpha f_hat``), the pass stops at the next
-site, whose features ``(f' - mu') @ C'`` are differentiated with batched probes.
+*outside*), averaged over the ``N P_in`` rows of the input site.
+
+Where the section between two layers has a closed-form Jacobian (the sections
+:func:`~degen_hooks.build_bases` uses, found the same way: ``Linear -> activation -> Linear``
+and linear maps, TransformerLens attention, residual MLP and unembedding) the edges come from
+one forward pass per batch (:mod:`degen_hooks.graph._closed`, #19): an MLP section's
+per-sample Jacobians are a few batched products of its input and pre-activations, an
+attention section's are built from the layer's q, k, v and pattern, all read in that pass;
+integrated gradients move each section to ``alpha f_hat`` without running the model again
+(pre-activations, q, k and v are affine in the section's input). Memory holds one batch and
+fixed-size chunks, whatever the number of samples; the numbers equal the backward passes'
+to rounding.
+
+Elsewhere the edges are computed by differentiating through the model: a forward hook
+replaces the input site's activation by ``z @ C_pinv + mu`` with ``z`` a leaf tensor
+(``z = alpha f_hat``), the pass stops at the next site, whose features ``(f' - mu') @ C'``
+are differentiated with batched probes.
 
 Conventions and choices:
 
@@ -34,6 +47,7 @@ For a linear section the column sums ``sum_i E_ij`` equal ``Lambda_j`` (lib_math
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,10 +57,12 @@ from torch import nn
 
 from .._checks import check_fitted
 from .._errors import GradientError, ShapeMismatchError, SiteNotFoundError
+from .._estimator import ParamsMixin
 from ..accumulators import Covariance
 from ..basis import InteractionBasis
 from ..jacobians import probe_chunks, vjp_batched
 from ..sites import Site
+from ._closed import ReadPass, find_closed_pairs, pair_edges
 from ._layers import OUTPUT_KEY, NodeLayer, output_tensor, run_section
 
 __all__ = ["InteractionGraph", "fit_graphs", "integration_points"]
@@ -98,7 +114,7 @@ def integration_points(integration: str, n_intervals: int) -> tuple[np.ndarray, 
     return (nodes + 1) / 2, weights / 2
 
 
-class InteractionGraph:
+class InteractionGraph(ParamsMixin):
     """Edges between the features of consecutive node layers of a basis.
 
     Args:
@@ -119,7 +135,15 @@ class InteractionGraph:
         n_rows_: ``{pair: rows of the input site averaged over}``.
         output_: ``None`` or ``{"key", "name", "io", "positions"}`` of the output layer.
         output_rotation_: The output layer's rotation ``R`` (``(d_out, r)``) or ``None``.
+        closed_form_: The pairs whose edges came from a closed-form section (no backward
+            passes); the others ran backward passes.
+        timings_: Seconds per pair (labels ``"edges a -> b"``, with ``" (closed form)"``
+            where it applied) and of the shared forward pass (``"reads"``); not saved.
         basis_: The basis the edges were computed in (not saved by :meth:`state_dict`).
+
+    Follows scikit-learn's estimator protocol: ``get_params`` / ``set_params``, and
+    ``sklearn.base.clone`` gives an unfitted copy with the same hyperparameters. Export the
+    fitted graph for attribution-graph viewers with :func:`degen_hooks.export_graph`.
 
     Examples:
         >>> import torch, degen_hooks as dh
@@ -162,10 +186,16 @@ class InteractionGraph:
         output: bool | str | Site | None = None,
         output_positions: Any = None,
         output_rotation: torch.Tensor | str | None = "basis",
+        sections: Mapping[str, tuple[Any, str | Site | None]] | str | None = "auto",
         chunk: int = 64,
         progress: bool = True,
     ) -> InteractionGraph:
         """Compute the edges of every consecutive pair of ``basis.sites_`` over ``data``.
+
+        Pairs whose section has a closed-form Jacobian (the sections ``build_bases`` uses:
+        ``Linear -> activation -> Linear`` and linear maps, TransformerLens attention, MLP
+        and unembedding) get their edges from forward passes alone, equal to the backward
+        passes' to rounding; every other pair runs batched backward passes.
 
         Args:
             model: The model the basis was built on.
@@ -179,6 +209,11 @@ class InteractionGraph:
             output_rotation: Rotation ``R`` (``(d_out, r)``) of the output layer;
                 ``"basis"`` uses ``basis.output_rotation_`` when set (``build_bases(...,
                 rotate_output=True)``), ``None`` reads raw coordinates.
+            sections: Closed-form sections, ``{site: (section, pre_activation_site)}`` as
+                :func:`~degen_hooks.build_bases` takes them (the section maps ``site`` to the
+                next layer); ``"auto"`` (default) finds them as ``build_bases`` does;
+                ``None`` runs backward passes for every pair. ``closed_form_`` lists the
+                pairs that used one.
             chunk: Probes per batched backward pass (memory bound).
             progress: Show a progress bar over batches.
 
@@ -186,8 +221,9 @@ class InteractionGraph:
             ``self``.
 
         Raises:
-            ValueError: For invalid hyperparameters.
-            ShapeMismatchError: If the basis has fewer than two layers (with the output).
+            ValueError: For invalid hyperparameters or ``sections``.
+            ShapeMismatchError: If the basis has fewer than two layers (with the output), or
+                ``sections`` names a site that starts no pair.
             GradientError: If a node layer does not depend on the previous one.
         """
         from tqdm.auto import tqdm
@@ -208,30 +244,55 @@ class InteractionGraph:
         call = forward or (lambda m, batch: m(batch))
         alphas, weights = integration_points(self.integration, self.n_intervals)
         pairs = [(a.key, b.key) for a, b in zip(layers[:-1], layers[1:], strict=True)]
+        closed = find_closed_pairs(
+            model, layers, sections, output_positions, has_output=out_layer is not None
+        )
+        reads = ReadPass(model, call, layers, closed, out_layer)
+        labels = [
+            f"edges {a} -> {b}" + (" (closed form)" if index in closed else "")
+            for index, (a, b) in enumerate(pairs)
+        ]
+        timings = dict.fromkeys(labels, 0.0)
         sums: dict[Pair, torch.Tensor] = {}
         rows = dict.fromkeys(pairs, 0)
         out_stats = Covariance() if out_layer is not None else None
         random: dict[str, torch.Generator] = {}  # the sources' generator, made on first use
+
+        def signs(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+            return self._signs(shape, device, random)
+
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         for batch in tqdm(data, desc="edges", total=total, disable=not progress, leave=False):
-            for pair, src, dst in zip(pairs, layers[:-1], layers[1:], strict=True):
-                partial, n_rows = self._pair_edges(
-                    model, batch, call, src, dst, alphas, weights, chunk, random
-                )
+            captured, y = {}, None
+            if reads.needed:  # what the closed forms and the output layer read: one pass
+                started = time.perf_counter()
+                captured, y = reads(batch)
+                timings["reads"] = timings.get("reads", 0.0) + time.perf_counter() - started
+            for index, (pair, src, dst) in enumerate(
+                zip(pairs, layers[:-1], layers[1:], strict=True)
+            ):
+                started = time.perf_counter()
+                if index in closed:
+                    partial, n_rows = pair_edges(
+                        closed[index], src, dst, alphas, weights, captured,
+                        signs if self.method == "stochastic" else None,
+                    )  # fmt: skip
+                else:
+                    partial, n_rows = self._pair_edges(
+                        model, batch, call, src, dst, alphas, weights, chunk, random
+                    )
                 sums[pair] = partial if pair not in sums else sums[pair] + partial
                 rows[pair] += n_rows
-            if out_stats is not None:
-                with torch.no_grad():
-                    if out_layer.site is None:
-                        y = output_tensor(call(model, batch))
-                    else:
-                        y = run_section(model, batch, call, target=out_layer.site)
-                    features = out_layer.features(y)
-                    out_stats.update(features.reshape(-1, features.shape[-1]))
+                timings[labels[index]] += time.perf_counter() - started
+            if out_stats is not None and y is not None:
+                features = out_layer.features(y)
+                out_stats.update(features.reshape(-1, features.shape[-1]))
         if not sums:
             raise ShapeMismatchError("No batches in data: the interaction graph saw nothing.")
         self.sites_ = [layer.key for layer in layers]
         self.pairs_ = pairs
+        self.closed_form_ = [pair for index, pair in enumerate(pairs) if index in closed]
+        self.timings_ = timings
         self.edges_ = {pair: (sums[pair] / max(rows[pair], 1)).cpu() for pair in pairs}
         self.n_rows_ = rows
         self.lambdas_ = {key: basis.lambdas_[key].detach().cpu() for key in basis.sites_}
@@ -324,24 +385,35 @@ class InteractionGraph:
                 index = probes.reshape(k, -1, r_next).abs().amax(1).argmax(-1)
                 yield probes, index
             return
+        signs = self._signs((*shape[:-1], 1), device, random)
+        jobs = [(s, i) for s in range(self.n_sources) for i in range(r_next)]
+        eye = torch.eye(r_next, dtype=torch.float64, device=device)
+        for start in range(0, len(jobs), chunk):
+            part = torch.tensor(jobs[start : start + chunk], device=device)
+            yield signs[part[:, 0]] * eye[part[:, 1]][:, None, None, :], part[:, 1]
+
+    def _signs(
+        self, shape: tuple[int, ...], device: torch.device, random: dict[str, torch.Generator]
+    ) -> torch.Tensor:
+        """The sources of one batch and pair, ``(n_sources, batch, n_out_positions, 1)``.
+
+        Backward and closed-form pairs draw them here, once per batch and pair in pair
+        order, so both paths see the same signs.
+        """
         if "generator" not in random:
             random["generator"] = torch.Generator(device=device).manual_seed(self.seed)
         # One Rademacher vector over (batch, output positions) per source, shared by every
         # output feature; scaled by 1/sqrt(n_sources) so that summing squares averages them.
         (signs,) = probe_chunks(
             "rademacher",
-            torch.Size((*shape[:-1], 1)),
+            torch.Size(shape),
             n_probes=self.n_sources,
             chunk=self.n_sources,
             generator=random["generator"],
             dtype=torch.float64,
             device=device,
         )
-        jobs = [(s, i) for s in range(self.n_sources) for i in range(r_next)]
-        eye = torch.eye(r_next, dtype=torch.float64, device=device)
-        for start in range(0, len(jobs), chunk):
-            part = torch.tensor(jobs[start : start + chunk], device=device)
-            yield signs[part[:, 0]] * eye[part[:, 1]][:, None, None, :], part[:, 1]
+        return signs
 
     # -- using it -----------------------------------------------------------------------------
     def pair(self, pair: int | Pair | str) -> Pair:
@@ -385,17 +457,12 @@ class InteractionGraph:
         """JSON-able hyperparameters, layers, pairs, row counts and output description."""
         check_fitted(self, ["edges_"])
         return {
-            "params": {
-                "method": self.method,
-                "n_sources": self.n_sources,
-                "integration": self.integration,
-                "n_intervals": self.n_intervals,
-                "seed": self.seed,
-            },
+            "params": self.get_params(deep=False),
             "sites": list(self.sites_),
             "pairs": [list(p) for p in self.pairs_],
             "n_rows": [self.n_rows_[p] for p in self.pairs_],
             "output": self.output_,
+            "closed_form": [list(p) for p in getattr(self, "closed_form_", [])],
         }
 
     @classmethod
@@ -411,6 +478,7 @@ class InteractionGraph:
         graph.n_rows_ = dict(zip(graph.pairs_, metadata["n_rows"], strict=True))
         graph.output_ = metadata.get("output")
         graph.output_rotation_ = state.get("output_rotation")
+        graph.closed_form_ = [tuple(p) for p in metadata.get("closed_form", [])]
         return graph
 
 

@@ -6,8 +6,10 @@ Part of :mod:`degen_hooks.transformer_lens`; see its docstring.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._errors import SiteNotFoundError, SiteNotWritableError
@@ -156,11 +158,28 @@ def write_bypass(model: nn.Module, name: str) -> str | None:
     Raises:
         SiteNotWritableError: For ``hook_resid_mid`` of a block whose layout is not the
             sequential pre-norm one (a post-norm or parallel block), where no write there
-            can be made to agree with ``HookedTransformer``.
+            can be made to agree with ``HookedTransformer``; and for a bridge hook that fires
+            but whose tensor the bridge does not compute with (some TransformerLens versions
+            fire ``attn.hook_attn_scores`` or ``attn.hook_pattern`` beside an attention
+            kernel that never reads them): a write there would change nothing, silently.
     """
     inner, _ = _unwrap(model)
     if not is_bridge(inner):
         return None
+    bypass = _resid_mid_bypass(inner, name)
+    if not _write_reaches_output(inner, name, bypass):
+        raise SiteNotWritableError(
+            f"A write at {name!r} on this TransformerBridge does not reach its output: the "
+            "bridge fires this hook but computes without its tensor (checked with a random "
+            "write on a short input). Reading it is fine; write where the computation "
+            "happens instead (for attention, 'attn.hook_z', the queries/keys/values "
+            "'attn.hook_q'/'hook_k'/'hook_v', or the residual stream)."
+        )
+    return bypass
+
+
+def _resid_mid_bypass(inner: nn.Module, name: str) -> str | None:
+    """``blocks.{i}.hook_out`` when ``name`` is block ``i``'s ``ln2.hook_in``, else ``None``."""
     modules = _component_paths(inner)
     module = site_modules(inner).get(name)
     for index in range(len(getattr(inner, "blocks", []))):
@@ -181,6 +200,44 @@ def write_bypass(model: nn.Module, name: str) -> str | None:
             )
         return f"blocks.{index}.hook_out"
     return None
+
+
+# Bridges whose writes were checked: {model: {name: reaches its output}}.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _write_reaches_output(model: nn.Module, name: str, bypass: str | None) -> bool:
+    """Whether a random write at ``name`` changes the bridge's output on a short input.
+
+    Checked once per model and name. A hook that does not fire on the probe counts as
+    reaching (reads say so when it never fires).
+    """
+    known = _CHECKED.setdefault(model, {})
+    if name in known:
+        return known[name]
+    from .._hooks import SiteHook, alone  # the family builds on the core
+    from ..sites import Site, resolve_sites
+
+    cfg = _cfg(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tokens = (torch.arange(min(int(cfg.n_ctx), 4)) % int(cfg.d_vocab))[None].to(device)
+    ((site, module),) = resolve_sites(model, [Site(name)])
+    bypass_module = None if bypass is None else site_modules(model)[bypass]
+    generator = torch.Generator().manual_seed(0)
+
+    def write(act: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(act.shape, generator=generator, dtype=torch.float64)
+        return act + noise.to(device=act.device, dtype=act.dtype)
+
+    hook = SiteHook(model, site, module, write, writes=True, bypass=bypass_module)
+    # Alone: a collection around the check must not count its passes as batches.
+    with torch.no_grad(), alone(hook):
+        clean = model(tokens)
+        with hook:
+            written = model(tokens)
+    reaches = hook.n_fired == 0 or not torch.equal(clean, written)
+    known[name] = reaches
+    return reaches
 
 
 def _cfg(model: nn.Module) -> Any:

@@ -22,7 +22,7 @@ from degen_hooks.graph import InteractionGraph
 from degen_hooks.sites import resolve_bypass, resolve_sites
 from degen_hooks.zoo import _bridge_layout
 
-from .conftest import build_bridge, build_hooked, requires_hooked, toy_config
+from .conftest import HAS_HOOKED, build_bridge, build_hooked, requires_hooked, toy_config
 
 SITES = [
     "hook_embed",
@@ -181,3 +181,58 @@ def test_non_sequential_blocks_refuse_writes_at_resid_mid():
             resolve_bypass(bridge, resolved)
     finally:
         block.mlp_reads_resid_directly = False
+
+
+ATTENTION_INSIDE = [
+    "blocks.0.attn.hook_attn_scores",
+    "blocks.0.attn.hook_pattern",
+    "blocks.1.attn.hook_q",
+    "blocks.1.attn.hook_k",
+]
+
+
+def noisy(model, site: str, tokens) -> torch.Tensor:
+    """The output with seeded noise added at ``site`` (every entry)."""
+    ((resolved, module),) = resolve_sites(model, [site])
+    bypass = resolve_bypass(model, resolved)  # may refuse
+    generator = torch.Generator().manual_seed(5)
+
+    def write(act: torch.Tensor) -> torch.Tensor:
+        return act + torch.randn(act.shape, generator=generator, dtype=act.dtype)
+
+    with SiteHook(model, resolved, module, write, writes=True, bypass=bypass), torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("site", ATTENTION_INSIDE)
+def test_writes_inside_attention_reach_the_output_or_are_refused(site, tokens):
+    """Some bridges fire a hook beside an attention kernel that never reads it: a write there
+    would silently change nothing, so it is refused, naming where to write instead."""
+    _, bridge = twins("gelu", "LN") if HAS_HOOKED else (None, build_bridge("gelu", "LN"))
+    try:
+        written = noisy(bridge, site, tokens)
+    except dh.SiteNotWritableError as err:
+        assert "attn.hook_z" in str(err)
+        return
+    with torch.no_grad():
+        assert not torch.allclose(written, bridge(tokens))
+    if HAS_HOOKED:  # and then it is the write HookedTransformer makes
+        hooked, _ = twins("gelu", "LN")
+        shapes_agree = True
+        try:
+            expected = noisy(hooked, site, tokens)
+        except RuntimeError:
+            shapes_agree = False  # per-head layouts differ (q, k); outputs compared above
+        if shapes_agree:
+            torch.testing.assert_close(written, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_write_check_is_invisible_to_a_collection_around_it(tokens):
+    bridge = build_bridge("relu", "LN")
+    with dh.collect(bridge, ["blocks.0.hook_resid_post"]) as run, torch.no_grad():
+        bridge(tokens)
+        ((resolved, _),) = resolve_sites(bridge, ["blocks.1.hook_resid_mid"])
+        assert resolve_bypass(bridge, resolved) == bridge.blocks[1].hook_out  # checked here
+        bridge(tokens)
+    assert run.stats["blocks.0.hook_resid_post"].n_batches == 2
+    assert run.stats["blocks.0.hook_resid_post"].acts.n_samples == 2 * tokens.numel()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ._hooks import SiteHook
+from .closed_form import MLPSection
 from .jacobians import Probe, count_probe_vectors
 from .sites import Site, resolve_sites
 
@@ -37,7 +39,10 @@ __all__ = [
     "BuildPlan",
     "PassCost",
     "Profiling",
+    "MODEL_OUTPUT",
+    "announce",
     "auto_chunk",
+    "cost_plan",
     "plan_jacobian_pass",
     "plan_passes",
 ]
@@ -377,3 +382,58 @@ def plan_passes(
                 )
             )
     return plan
+
+
+# -- build_bases' plan -------------------------------------------------------------------
+# The key of the model output in a profiled batch (no site may be labelled so).
+MODEL_OUTPUT = "(model output)"
+
+
+def cost_plan(
+    data: Iterable[Any],
+    site_objs: list[Site],
+    sections: Mapping[str, tuple[Any, Any]],
+    target: Site,
+    output_positions: Any,
+    variant: str,
+    profile: BatchProfile,
+    *,
+    jacobians: str,
+    n_probes: int,
+    chunk: int | str,
+) -> BuildPlan:
+    """Every pass of ``build_bases``, costed from one profiled batch."""
+    closed = {
+        key: "moments" if isinstance(section, MLPSection) else "forward"
+        for key, (section, _) in sections.items()
+    }
+    return plan_passes(
+        profile,
+        variant=variant,
+        keys=[s.key for s in site_objs],
+        closed_forms=closed,
+        target_key=target.key,
+        output_positions=output_positions if target.key == MODEL_OUTPUT else target.positions,
+        jacobians=jacobians,
+        n_probes=n_probes,
+        chunk=chunk,
+        n_batches=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
+    )
+
+
+def announce(
+    label: str, costs: Mapping[str, PassCost], sections: Mapping[str, Any], probes_output: bool
+) -> str:
+    """The progress-bar label of a backward pass, with its cost; warn when it is large."""
+    cost = costs.get(label)
+    if cost is None:
+        return label
+    if cost.is_expensive:
+        key = label.removeprefix("jacobians ")
+        tips = advice(cost, has_closed_form=key in sections, probes_output=probes_output)
+        warnings.warn(
+            f"build_bases: the pass {label!r} will take {cost.describe()}. What helps: "
+            f"{tips}. build_bases(..., dry_run=True) shows the plan of every pass.",
+            stacklevel=4,
+        )
+    return f"{label} [{cost.describe()}]"

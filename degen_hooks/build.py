@@ -31,7 +31,7 @@ from torch import nn
 from ._batches import require_reiterable
 from ._errors import EmptyStatisticsError, GradientError, ShapeMismatchError
 from ._family import family_hook
-from ._plan import BatchProfile, BuildPlan, PassCost, Profiling, advice, plan_passes
+from ._plan import MODEL_OUTPUT, BuildPlan, Profiling, announce, cost_plan
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
 from .closed_form import MLPSection, find_mlp_sections
@@ -231,10 +231,10 @@ def build_bases(
                 "passes at those sites, or batches without padding."
             )
     call = forward or (lambda model, batch: model(batch))
-    target = out_site if out_site is not None else Site("", label=_MODEL_OUTPUT)
+    target = out_site if out_site is not None else Site("", label=MODEL_OUTPUT)
     profiling = Profiling(call, [*site_objs, target])
     plan_of = functools.partial(
-        _cost_plan,
+        cost_plan,
         data,
         site_objs,
         sections,
@@ -311,7 +311,7 @@ def build_bases(
     if variant == "global":
         started = time.perf_counter()
         run = collect(model, site_objs, readout=readout, **target_kw, **probe_kw)
-        desc = _announce("jacobians (global)", costs, sections, probes_output=out_site is None)
+        desc = announce("jacobians (global)", costs, sections, probes_output=out_site is None)
         try:
             with run:
                 run.over(data, desc=desc, **over_kw)
@@ -358,7 +358,7 @@ def build_bases(
             label += " (closed form)"
         else:
             run = collect(model, [site], readout=readout, **target_kw, **probe_kw)
-            desc = _announce(label, costs, sections, probes_output="target" not in target_kw)
+            desc = announce(label, costs, sections, probes_output="target" not in target_kw)
             try:
                 with run:
                     run.over(data, desc=desc, **over_kw)
@@ -513,57 +513,3 @@ def _finish(
     basis.output_stats_ = extras["output_stats_"]
     basis.plan_ = extras.get("plan_")
     return basis
-
-
-# The key of the model output in a profiled batch (no site may be labelled so).
-_MODEL_OUTPUT = "(model output)"
-
-
-def _cost_plan(
-    data: Iterable[Any],
-    site_objs: list[Site],
-    sections: Mapping[str, tuple[Any, Any]],
-    target: Site,
-    output_positions: Any,
-    variant: str,
-    profile: BatchProfile,
-    *,
-    jacobians: str,
-    n_probes: int,
-    chunk: int | str,
-) -> BuildPlan:
-    """Every pass of the build, costed from one profiled batch (see :mod:`._plan`)."""
-    closed = {
-        key: "moments" if isinstance(section, MLPSection) else "forward"
-        for key, (section, _) in sections.items()
-    }
-    return plan_passes(
-        profile,
-        variant=variant,
-        keys=[s.key for s in site_objs],
-        closed_forms=closed,
-        target_key=target.key,
-        output_positions=output_positions if target.key == _MODEL_OUTPUT else target.positions,
-        jacobians=jacobians,
-        n_probes=n_probes,
-        chunk=chunk,
-        n_batches=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
-    )
-
-
-def _announce(
-    label: str, costs: Mapping[str, PassCost], sections: Mapping[str, Any], probes_output: bool
-) -> str:
-    """The progress-bar label of a backward pass, with its cost; warn when it is large."""
-    cost = costs.get(label)
-    if cost is None:
-        return label
-    if cost.is_expensive:
-        key = label.removeprefix("jacobians ")
-        tips = advice(cost, has_closed_form=key in sections, probes_output=probes_output)
-        warnings.warn(
-            f"build_bases: the pass {label!r} will take {cost.describe()}. What helps: "
-            f"{tips}. build_bases(..., dry_run=True) shows the plan of every pass.",
-            stacklevel=4,
-        )
-    return f"{label} [{cost.describe()}]"

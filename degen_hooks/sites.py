@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +23,18 @@ from torch import nn
 from ._checks import closest
 from ._errors import ShapeMismatchError, SiteNotFoundError, UnsupportedDtypeError
 from ._family import family_hook
+from ._positions import Positions, position_cells, select_positions
 
-__all__ = ["Site", "find_sites", "resolve_bypass", "resolve_sites"]
+__all__ = [
+    "Positions",
+    "Site",
+    "find_sites",
+    "position_cells",
+    "resolve_bypass",
+    "resolve_sites",
+    "select_positions",
+]
 
-Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
 _GLOB_CHARS = "*?["
 
 
@@ -200,115 +208,6 @@ class Site:
 
 # Site fields saved in its info only when set.
 _OPTIONAL = ("arg", "element", "call", "feature_axis", "bypass")
-
-
-def select_positions(
-    act: torch.Tensor, positions: Positions, mask: torch.Tensor | None, key: str
-) -> torch.Tensor:
-    """Keep the chosen positions of ``act`` (dimension 1); returns ``(..., d)``.
-
-    With a ``mask`` the result is already flattened to ``(n, d)``.
-
-    Raises:
-        ShapeMismatchError: For a 0-d ``act`` (a module returning one number, e.g. a loss),
-            positions or a mask on an activation without a position dimension, or positions
-            and masks that do not fit it.
-    """
-    if act.ndim == 0:
-        raise ShapeMismatchError(
-            f"Site {key!r} produced a 0-d tensor (shape ()), one number such as a loss: it "
-            "has no samples and no features to take statistics of. Choose a site with a "
-            "feature dimension, shape (batch, ..., d_site), e.g. the module whose output it "
-            'reduces; list the sites with dh.find_sites(model, "*").'
-        )
-    has_pos = act.ndim >= 3
-    if (positions is not None or mask is not None) and not has_pos:
-        raise ShapeMismatchError(
-            f"Site {key!r} has activations of shape {tuple(act.shape)}, with no position "
-            "dimension (expected (batch, pos, ..., d)); drop positions=/set_mask() for it."
-        )
-    if mask is not None:
-        mask = torch.as_tensor(mask, device=act.device).bool()
-        if tuple(mask.shape) != tuple(act.shape[:2]):
-            raise ShapeMismatchError(
-                f"Mask of shape {tuple(mask.shape)} does not match site {key!r} with "
-                f"activations {tuple(act.shape)}: expected a (batch, pos) = "
-                f"{tuple(act.shape[:2])} boolean mask."
-            )
-    if positions == "last" and mask is not None:
-        # With padding, "last" is each row's last unmasked position (rows of padding only
-        # are dropped).
-        n_pos = act.shape[1]
-        steps = torch.arange(n_pos, device=act.device).expand_as(mask)
-        last = torch.where(mask, steps, -1).max(dim=1).values
-        keep = last >= 0
-        rows = torch.arange(act.shape[0], device=act.device)[keep]
-        return act[rows, last[keep]].reshape(-1, act.shape[-1])
-    if positions is not None:
-        index = _position_index(positions, act.shape[1], key)
-        act = act[:, index]
-        if mask is not None:
-            mask = mask[:, index]
-        if act.ndim == 2:  # an int position drops the dimension; keep it as rows
-            act = act.unsqueeze(1)
-            mask = None if mask is None else mask.unsqueeze(1)
-    if mask is not None:
-        return act[mask].reshape(-1, act.shape[-1])
-    return act
-
-
-def position_cells(
-    act: torch.Tensor, positions: Positions, mask: torch.Tensor | None, key: str
-) -> torch.Tensor:
-    """The ``(batch, pos)`` cells of ``act`` that :func:`select_positions` reads, as a mask.
-
-    A write at a site changes these cells and no others: with padding, ``"last"`` is each
-    row's last real token, as when the site was read.
-
-    Raises:
-        ShapeMismatchError: As :func:`select_positions`.
-    """
-    if act.ndim < 3:
-        select_positions(act, positions, mask, key)  # raises for positions or a mask
-        return torch.ones(act.shape[:1], dtype=torch.bool, device=act.device)
-    cells = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
-    if positions is None:
-        cells[:] = True
-    elif positions == "last" and mask is not None:
-        select_positions(act[:, :, :1], None, mask, key)  # checks the mask's shape
-        steps = torch.arange(act.shape[1], device=act.device).expand(act.shape[:2])
-        last = torch.where(mask.to(act.device).bool(), steps, -1).max(dim=1).values
-        rows = torch.arange(act.shape[0], device=act.device)[last >= 0]
-        cells[rows, last[last >= 0]] = True
-        return cells
-    else:
-        cells[:, _position_index(positions, act.shape[1], key)] = True
-    if mask is not None:
-        select_positions(act[:, :, :1], None, mask, key)
-        cells &= mask.to(act.device).bool()
-    return cells
-
-
-def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice | torch.Tensor:
-    if isinstance(positions, str):
-        # "last" of no positions (an empty sequence) is no rows, as with a padding-only mask.
-        return -1 if n_pos else slice(0, 0)
-    if isinstance(positions, int):
-        if not -n_pos <= positions < n_pos:
-            raise ShapeMismatchError(
-                f"Site {key!r} asks for position {positions}, but the activation has only "
-                f"{n_pos} positions."
-            )
-        return positions
-    if isinstance(positions, slice):
-        return positions
-    index = torch.as_tensor(positions)
-    if index.dtype == torch.bool and index.shape != (n_pos,):
-        raise ShapeMismatchError(
-            f"Site {key!r} has a position mask of shape {tuple(index.shape)}, but the "
-            f"activation has {n_pos} positions."
-        )
-    return index
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:

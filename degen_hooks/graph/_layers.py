@@ -21,8 +21,9 @@ from torch import nn
 from .._backward import first_tensor as _first_tensor
 from .._errors import GradientError, ShapeMismatchError
 from .._hooks import SiteHook, in_backward
+from .._positions import Positions, _position_index
 from ..basis import InteractionBasis
-from ..sites import Positions, Site, _position_index, resolve_bypass, resolve_sites
+from ..sites import Site, resolve_bypass, resolve_sites
 
 Forward = Callable[[nn.Module, Any], Any]
 

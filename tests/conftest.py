@@ -1,4 +1,5 @@
-"""Test-wide settings: offline TransformerLens, a headless matplotlib, and the cuda marker."""
+"""Test-wide settings: offline TransformerLens, a headless matplotlib, the cuda marker and a
+one-thread fixture."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (restored after): many tiny steps or backward passes
+    only contend for a busy machine's cores with more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -457,16 +457,6 @@ def test_residual_stream_of_any_decoder_model():
 
 
 # -- Jacobians ---------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    # Hundreds of tiny backward passes: with several threads, they slow down many times over
-    # on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_jacobian_grams_match_autograd(model, batches, one_thread):
     """Exact probes through a padded batch: every real (position, logit) of the output is
     probed, every real token (or each row's last) of a site is a sample."""

@@ -44,13 +44,7 @@ class Potential(nn.Module):
         return self.potential(self.w).reshape(1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared machine, more threads only contend (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def potential_loss(outputs, batch, reference):

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from degen_hooks.llc import (
     calibration_cases,
@@ -18,12 +17,7 @@ from degen_hooks.llc import (
 N_BETA = 10_000 / math.log(10_000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("power", [2, 4, 6, 8])

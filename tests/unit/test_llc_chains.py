@@ -21,12 +21,7 @@ from degen_hooks.llc import RMSPropSGLD, estimate_llc
 pytestmark = pytest.mark.filterwarnings("ignore:.*(effective draws|not flattened|disagree)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tanh_mlp() -> nn.Sequential:

@@ -14,12 +14,7 @@ from degen_hooks.llc import SGLD, RMSPropSGLD, estimate_llc
 pytestmark = pytest.mark.filterwarnings("ignore:.*(effective draws|not flattened|disagree)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def least_squares_problem() -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -120,7 +120,12 @@ def why_no_grad(model: nn.Module | None = None) -> str:
     if torch.is_inference_mode_enabled():
         return "the forward pass ran under torch.inference_mode()"
     if not torch.is_grad_enabled():
-        return "the forward pass ran under torch.no_grad()"
+        return (
+            "the forward pass ran under torch.no_grad() where this site ran (in your code, "
+            "or inside the model: some modules compute a side tensor without gradients, e.g. "
+            "a TransformerBridge RMSNorm's hook_normalized; then choose a site on the "
+            "computation's gradient path, such as the norm's output)"
+        )
     # Jacobians need an autograd graph through the site, not parameter gradients: an input
     # that requires grad builds one through a frozen model as well.
     fix = (

@@ -122,6 +122,10 @@ class JacobianPass:
         deferred: Exception | None = None
         for t_index, (y, y_mask) in enumerate(targets):
             chunk = self._chunk_for(y, edges)
+            if count_probe_vectors(**self._probe_arguments(y, y_mask)) == 0:
+                # Nothing to probe (a read-out of width 0: the next site's basis kept no
+                # feature): every site's Gram is zero over its samples, not unreached.
+                reached = [True] * len(edges)
             chunks = ((v, True) for v in self._shown(y, y_mask, chunk))
             if groups:
                 chunks = self._aligned(chunks, y, y_mask, chunk, groups)
@@ -156,6 +160,9 @@ class JacobianPass:
         for key, items in captures.items():
             if not any(item[3] for item in items):
                 continue  # no rows since the last call: nothing to add
+            if key not in sums:  # no probe vector at all: a zero Gram over the samples
+                d = self.stats[key].acts.d
+                sums[key] = torch.zeros(d, d, dtype=self.dtype, device=targets[0][0].device)
             if not bool(torch.isfinite(sums[key]).all()):  # the chunks' sum overflowed
                 raise NonFiniteError(
                     f"Gradients at site {key!r}: the Jacobian Gram of this batch overflowed "

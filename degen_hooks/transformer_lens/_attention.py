@@ -385,6 +385,10 @@ class AttentionSection(AttentionEdges):
         inputs = _positions(site, n_pos, q.device)
         outputs, weights = _positions(target, n_pos, q.device).unique(return_counts=True)
         weights = weights.to(f64)
+        if readout.shape[1] == 0:  # the next site kept no feature: no probe, a zero Gram
+            empty = torch.zeros(0, self.d_in, dtype=f64, device=q.device)
+            gram.update(empty, count=v.shape[0] * len(inputs))
+            return
         per_sample = len(outputs) * len(inputs) * readout.shape[1] * self.d_in
         step = max(1, _ELEMENTS // max(per_sample, n_heads * len(outputs) * n_pos * d_head))
         size = min(step, v.shape[0]) * per_sample

@@ -254,3 +254,15 @@ def test_unsupported_attention_is_refused():
         model = config_only({**base, **extra})
         with pytest.raises(ValueError, match=message):
             attention_section_sites(model, 0)
+
+
+def test_an_empty_readout_gives_a_zero_gram(plain_model, tokens):
+    """A next site whose basis kept no feature reads the section through a (d, 0) matrix:
+    the Gram is zero over the site's samples (it used to crash in a reshape)."""
+    source, target = attention_section_sites(plain_model, 0, residual=True)
+    site, out = dh.Site(source, positions=[1, 3]), dh.Site(target, positions="last")
+    section = attention_section(plain_model, 0, residual=True)
+    empty = torch.zeros(8, 0, dtype=torch.float64)
+    gram = section.gram_pass(plain_model, tokens.split(4), site, out, empty, progress=False)
+    assert gram.n_samples == 2 * tokens.shape[0]
+    assert torch.equal(gram.second_moment(), torch.zeros(8, 8, dtype=torch.float64))

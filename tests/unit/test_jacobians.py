@@ -527,3 +527,19 @@ def test_nan_gradient_skipped_and_counted(poisoned_model):
     assert grads.n_skipped == 2 * 3  # two samples x three exact probes
     assert grads.n_samples == 6 and grads.count == 6  # the Gram is a mean over clean samples
     assert torch.isfinite(grads.second_moment()).all()
+
+
+def test_an_empty_readout_gives_a_zero_gram_not_an_error():
+    """A read-out of width 0 (the next site's basis kept no feature) probes nothing: the Gram
+    is zero over the site's samples, as the closed forms give (it used to raise 'the target
+    does not depend on the site')."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    empty = torch.zeros(2, 0, dtype=torch.float64)
+    with dh.collect(model, ["1"], jacobians="exact", readout=empty) as run:
+        run.backward(model(x))
+    grads = run.stats["1"].grads
+    assert grads.n_samples == 8
+    assert torch.equal(grads.second_moment(), torch.zeros(4, 4, dtype=torch.float64))

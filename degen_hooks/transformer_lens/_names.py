@@ -209,8 +209,9 @@ _CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKe
 def _write_reaches_output(model: nn.Module, name: str, bypass: str | None) -> bool:
     """Whether a random write at ``name`` changes the bridge's output on a short input.
 
-    Checked once per model and name. A hook that does not fire on the probe counts as
-    reaching (reads say so when it never fires).
+    Checked once per model and name. A hook that does not fire on the probe, or a model
+    that cannot run on a short row of token ids, counts as reaching (reads say so when a
+    hook never fires).
     """
     known = _CHECKED.setdefault(model, {})
     if name in known:
@@ -231,10 +232,13 @@ def _write_reaches_output(model: nn.Module, name: str, bypass: str | None) -> bo
 
     hook = SiteHook(model, site, module, write, writes=True, bypass=bypass_module)
     # Alone: a collection around the check must not count its passes as batches.
-    with torch.no_grad(), alone(hook):
-        clean = model(tokens)
-        with hook:
-            written = model(tokens)
+    try:
+        with torch.no_grad(), alone(hook):
+            clean = model(tokens)
+            with hook:
+                written = model(tokens)
+    except Exception:  # noqa: BLE001 - a model that takes more than tokens: cannot check
+        return True
     reaches = hook.n_fired == 0 or not torch.equal(clean, written)
     known[name] = reaches
     return reaches

@@ -1,9 +1,15 @@
-"""Shared timing helper of the benchmarks: interleaved repeats, best time per variant."""
+"""Shared helpers of the benchmarks: interleaved repeats (best time per variant), and a
+measurement in a fresh process (peak memory)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -24,3 +30,17 @@ def best_times(
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def in_fresh_process(code: str) -> Any:
+    """Run ``code`` in a fresh Python process (one thread, the repository as working
+    directory) and return the JSON value its last printed line holds."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])

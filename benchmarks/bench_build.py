@@ -46,18 +46,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
+from benchmarks._timing import in_fresh_process  # noqa: E402
 from degen_hooks.basis import interaction_rotation  # noqa: E402
 from degen_hooks.sites import _site_modules  # noqa: E402
 
@@ -413,15 +410,7 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
                 "import json, benchmarks.bench_build as b; "
                 f"print(json.dumps(b.measure_build_memory({base * factor}, {closed_form})))"
             )
-            done = subprocess.run(
-                [sys.executable, "-c", code],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                cwd=Path(__file__).resolve().parents[1],
-            )
-            results[closed_form, factor] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[closed_form, factor] = in_fresh_process(code)
     rows = []
     widths = "-".join(map(str, MLP_WIDTHS))
     for closed_form in (True, False):

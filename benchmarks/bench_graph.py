@@ -42,17 +42,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
+from benchmarks._timing import in_fresh_process  # noqa: E402
 from degen_hooks.graph import InteractionGraph, edges_for_mass  # noqa: E402
 from degen_hooks.sites import _site_modules  # noqa: E402
 
@@ -312,15 +310,7 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
             "import json, benchmarks.bench_graph as b; "
             f"print(json.dumps(b.measure_memory({variant!r}, {quick})))"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_increase_mb"]
+        results[variant] = in_fresh_process(code)["peak_increase_mb"]
     ratio = results["ours"] / results["reference"]
     return [
         {

@@ -45,21 +45,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
-from benchmarks._timing import best_times
+from benchmarks._timing import best_times, in_fresh_process
 from degen_hooks.sites import _site_modules  # noqa: E402
 
 F64 = torch.float64
@@ -474,15 +471,7 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
             f"print(json.dumps(b.measure_memory({method!r}, {chunk}, {last_only}, {n_samples}, "
             f"{batch})))"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(in_fresh_process(code))
     by_key = {(r["method"], r["chunk"], r["n_outputs"], r["n_samples"]): r for r in results}
     base = by_key[("exact", 8, 512, n)]["peak_increase_mb"]
     more_samples = by_key[("exact", 8, 512, 4 * n)]["peak_increase_mb"]

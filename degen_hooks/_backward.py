@@ -120,15 +120,16 @@ class JacobianPass:
         # batch waits until the others have their passes (see the module docstring).
         groups = sharding_groups(self.model)
         deferred: Exception | None = None
+        if self.readout is not None and self.readout.shape[1] == 0:
+            # Nothing to probe (the next site's basis kept no feature): every site's Gram is
+            # zero over its samples, not unreached.
+            reached = [True] * len(edges)
         for t_index, (y, y_mask) in enumerate(targets):
             chunk = self._chunk_for(y, edges)
-            if count_probe_vectors(**self._probe_arguments(y, y_mask)) == 0:
-                # Nothing to probe (a read-out of width 0: the next site's basis kept no
-                # feature): every site's Gram is zero over its samples, not unreached.
-                reached = [True] * len(edges)
-            chunks = ((v, True) for v in self._shown(y, y_mask, chunk))
+            n_chunks = math.ceil(count_probe_vectors(**self._probe_arguments(y, y_mask)) / chunk)
+            chunks = ((v, True) for v in self._shown(y, y_mask, chunk, n_chunks))
             if groups:
-                chunks = self._aligned(chunks, y, y_mask, chunk, groups)
+                chunks = self._aligned(chunks, y, n_chunks, groups)
             for (grad_outputs, counts), is_last in _with_last(chunks):
                 last = is_last and t_index == len(targets) - 1
                 grads = vjp_batched(
@@ -210,12 +211,11 @@ class JacobianPass:
         self,
         chunks: Iterator[tuple[torch.Tensor, bool]],
         y: torch.Tensor,
-        mask: torch.Tensor | None,
-        chunk: int,
+        n_local: int,
         groups: list[Any],
     ) -> Iterator[tuple[torch.Tensor, bool]]:
-        """``chunks``, then zero probes (not counted) up to the most chunks of any rank."""
-        n_local = math.ceil(count_probe_vectors(**self._probe_arguments(y, mask)) / chunk)
+        """``chunks`` (``n_local`` of them), then zero probes (not counted) up to the most
+        chunks of any rank."""
         n_passes = _agree_on_passes(n_local, groups)
         n_pushed = 0
         for item in chunks:
@@ -307,15 +307,12 @@ class JacobianPass:
         return auto_chunk(y.device.type, largest)
 
     def _shown(
-        self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int
+        self, y: torch.Tensor, mask: torch.Tensor | None, chunk: int, n_chunks: int
     ) -> Iterator[torch.Tensor]:
-        """The probe chunks of target ``y``, with a progress bar when a batch needs many."""
+        """The ``n_chunks`` probe chunks of target ``y``, with a progress bar when a batch
+        needs many."""
         chunks = self._probes(y, mask, chunk)
-        if not getattr(self, "_inner_progress", False):
-            return chunks
-        vectors = count_probe_vectors(**self._probe_arguments(y, mask))
-        n_chunks = math.ceil(vectors / chunk)
-        if n_chunks < _INNER_PROGRESS_CHUNKS:
+        if not self._inner_progress or n_chunks < _INNER_PROGRESS_CHUNKS:
             return chunks
         from tqdm.auto import tqdm
 

@@ -32,8 +32,13 @@ def batch_boundaries(
 ) -> Iterator[None]:
     """Call ``begins`` before the model's own forward (before any other hook), and ``ends``
     after it returned (after every site hook, the model output's included) or ``aborts``
-    when it raised an ``Exception`` (a ``KeyboardInterrupt`` is caught at the next call)."""
+    when it raised an ``Exception`` (a ``KeyboardInterrupt`` is caught at the next call).
+    The library's own probe passes (:func:`~degen_hooks._hooks.alone`) are no batch."""
     returned = [False]
+
+    def before(*_: Any) -> None:
+        if not is_set_aside():
+            begins()
 
     def on_return(*_: Any) -> None:
         returned[0] = True
@@ -42,12 +47,11 @@ def batch_boundaries(
         # always_call: torch also runs this when the call raised an Exception (without
         # running on_return), so a failed batch is undone at once.
         ok, returned[0] = returned[0], False
-        if is_set_aside():  # the library's own probe pass: no batch began
-            return
-        (ends if ok else aborts)()
+        if not is_set_aside():
+            (ends if ok else aborts)()
 
     handles = [
-        model.register_forward_pre_hook(lambda *_: begins(), prepend=True),
+        model.register_forward_pre_hook(before, prepend=True),
         model.register_forward_hook(on_return),
         model.register_forward_hook(after, always_call=True),
     ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -85,8 +86,11 @@ def running_eagerly(model: nn.Module) -> Iterator[None]:
     calls its plain ``_call_impl``. Both are put back on exit.
     """
     patched: list[tuple[nn.Module, str, Any]] = []
+    # Nothing can be compiled before torch.compile first ran (it imports dynamo): then the
+    # walk over every module, once per site hook, is skipped.
+    compiled = "torch._dynamo.eval_frame" in sys.modules
     try:
-        for module in model.modules():
+        for module in model.modules() if compiled else ():
             if type(module).__name__ == "OptimizedModule" and "forward" in module.__dict__:
                 patched.append((module, "forward", module.__dict__["forward"]))
                 module.forward = module._orig_mod.__call__

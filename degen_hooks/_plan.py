@@ -162,9 +162,16 @@ class BatchProfile:
         model: nn.Module,
         batch: Any,
         forward: Callable[[nn.Module, Any], Any],
-        sites: Sequence[Site],
+        sites: Sequence[Site] | Sequence[tuple[Site, nn.Module]],
     ) -> tuple[BatchProfile, Any]:
         """Run ``forward(model, batch)`` once with gradients and measure it.
+
+        Args:
+            model: The model.
+            batch: One batch.
+            forward: ``forward(model, batch) -> output``.
+            sites: The sites whose shapes to record, or their ``(site, module)`` pairs as
+                :func:`~degen_hooks.sites.resolve_sites` gives them.
 
         Returns:
             The profile and the forward's output.
@@ -186,7 +193,8 @@ class BatchProfile:
 
             return read
 
-        hooks = [SiteHook(model, s, m, reader(s.key)) for s, m in resolve_sites(model, sites)]
+        pairs = sites if sites and isinstance(sites[0], tuple) else resolve_sites(model, sites)
+        hooks = [SiteHook(model, s, m, reader(s.key)) for s, m in pairs]
         counter = FlopCounterMode(display=False)
         with contextlib.ExitStack() as stack:
             for hook in hooks:
@@ -219,10 +227,10 @@ class Profiling:
             return self.forward(model, batch)
         self._done = True
         try:
-            resolve_sites(model, self.sites)
+            pairs = resolve_sites(model, self.sites)
         except Exception:  # noqa: BLE001 - a plan is advice: the pass runs without one
             return self.forward(model, batch)
-        self.profile, output = BatchProfile.measure(model, batch, self.forward, self.sites)
+        self.profile, output = BatchProfile.measure(model, batch, self.forward, pairs)
         return output
 
 

@@ -29,7 +29,7 @@ from ._batch_boundaries import batch_boundaries, inside_call_of, model_class, wh
 from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
 from ._errors import DegenHooksError, ShapeMismatchError, SiteNotFiredError
 from ._family import family_hook
-from ._hooks import SiteHook, is_set_aside
+from ._hooks import SiteHook
 from ._journal import Journal
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
@@ -120,6 +120,7 @@ class Collection(JacobianPass):
         # The site hooks, and whether a complete forward pass has been checked yet (every
         # site fired, at how many calls).
         self._site_hooks: list[SiteHook] = []
+        self._inner_progress = False  # run.over shows a long batch's probe chunks
         self._checked_pass = False
         self._warned_axis: set[str] = set()
 
@@ -313,8 +314,6 @@ class Collection(JacobianPass):
 
     # -- batches: every site or none ----------------------------------------------------------
     def _batch_begins(self) -> None:
-        if is_set_aside():  # the library's own probe pass: not a batch
-            return
         if self._depth > 0 and not inside_call_of(self.model):
             # The model's last call never returned: it raised, and its batch is incomplete.
             self._abort_batch()
@@ -332,8 +331,6 @@ class Collection(JacobianPass):
         self._depth += 1
 
     def _batch_ends(self) -> None:
-        if is_set_aside():
-            return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0 and not self._checked_pass:
             self._checked_pass = True

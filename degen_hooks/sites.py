@@ -388,27 +388,28 @@ def resolve_bypass(model: nn.Module, site: Site) -> nn.Module | None:
         SiteNotWritableError: If the family refuses writes at the site.
     """
     inner, prefix = _unwrap(model)
+    modules = _site_modules(inner)
     name = site.bypass
     family_bypass = family_hook(inner, "write_bypass")
     if name is None and family_bypass is not None:
-        name = family_bypass(inner, _strip(site.name, prefix, _site_modules(inner)))
+        name = family_bypass(inner, _strip(site.name, prefix, modules))
     if name is None:
         return None
-    modules = _site_modules(inner)
     found = modules.get(_strip(name, prefix, modules))
     if found is None:
         raise SiteNotFoundError(
             f"Site {site.key!r} names bypass={name!r}, which is no module of "
-            f"{type(model).__name__}. "
-            + _not_found_message(model, name, [n for n in modules if n]).split(". ", 1)[-1]
+            f"{type(model).__name__}.{_hint(name, [n for n in modules if n])}"
         )
     return found
 
 
 def _not_found_message(model: nn.Module, name: str, names: list[str]) -> str:
+    return f"Site {name!r} not found in {type(model).__name__}.{_hint(name, names)}"
+
+
+def _hint(name: str, names: list[str]) -> str:
+    """Close names, if any, and where to list them all."""
     suggestions = closest(name, names)
     hint = f" Did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-    return (
-        f"Site {name!r} not found in {type(model).__name__}.{hint} "
-        'List all sites with dh.find_sites(model, "*").'
-    )
+    return f'{hint} List all sites with dh.find_sites(model, "*").'

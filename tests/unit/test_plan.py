@@ -111,9 +111,7 @@ def test_a_dry_run_plans_the_backward_passes_the_build_runs(counted):
     assert counted == []  # a dry run runs no backward pass
     basis = dh.build_bases(model, ["1", "3"], data, **kwargs)
     # The last site probes the 4 outputs; the first, the next site's basis (at most 6 wide).
-    assert (
-        plan.passes[1].backward_passes == 2 * len(data) == sum(1 for c in counted[: 2 * len(data)])
-    )
+    assert plan.passes[1].backward_passes == 2 * len(data)
     width = basis.widths_["3"]
     assert len(counted) == 2 * len(data) + math.ceil(width / 3) * len(data)
     assert plan.passes[2].backward_passes >= math.ceil(width / 3) * len(data)  # an upper bound

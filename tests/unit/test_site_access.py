@@ -465,3 +465,12 @@ def test_ablation_with_padding_writes_the_last_real_token():
     )
     expected = (clean[mask].sum(-1).sum() - clean[written].sum() + mean.sum() * 3) / mask.sum()
     assert abs(curve.values["PCA"][0] - float(expected)) < 1e-12
+
+
+def test_a_bypass_that_names_no_module_is_refused_with_suggestions():
+    model, x = KeywordModel().double().eval(), x_batch()
+    site = dh.Site("up", bypass="dwn")
+    pca = pca_of(model, site, x)
+    with pytest.raises(dh.SiteNotFoundError, match=r"bypass='dwn'.*Did you mean 'down'"):
+        with dh.ablate(model, pca, "up", keep=0):
+            model(x)

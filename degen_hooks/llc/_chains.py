@@ -108,7 +108,15 @@ class ChainRunner:
         self.step_size, self.n_beta = float(settings["step_size"]), float(settings["n_beta"])
         self.gamma, self.divergence_factor = settings["gamma"], settings["divergence_factor"]
         self.check_outputs = check_outputs
-        self._vectorized_loss = vmap(self.loss, in_dims=(0, None, None))
+        # vmapped over a flat tuple of the stacked tensors only: the batch and reference are
+        # read from ``_step_inputs`` (set each step), so vmap walks no nested in_dims.
+        self._names = list(names)
+        self._step_inputs: tuple[Any, Tensor] | None = None
+        self._vectorized_loss = vmap(self._loss_of_flat)
+
+    def _loss_of_flat(self, *weights: Tensor) -> Tensor:
+        batch, reference = self._step_inputs  # type: ignore[misc]
+        return self.loss(dict(zip(self._names, weights, strict=True)), batch, reference)
 
     def outputs(self, sampled: Mapping[str, Tensor] | None, batch: Any) -> Tensor:
         """Outputs with ``sampled`` swapped in; ``None`` runs the model's own w*."""
@@ -141,7 +149,11 @@ class ChainRunner:
     ) -> tuple[Tensor, list[Tensor]]:
         """Each chain's batch loss, shape ``(n_chains,)``, and its gradients."""
         if vectorize:
-            losses = self._vectorized_loss(current, batch, reference)
+            self._step_inputs = (batch, reference)
+            try:
+                losses = self._vectorized_loss(*(current[name] for name in self._names))
+            finally:
+                self._step_inputs = None
         else:  # a single chain, without vmap: any model runs this way
             losses = self.loss({n: w[0] for n, w in current.items()}, batch, reference)[None]
         # The chains do not interact, so the gradient of the sum is each chain's gradient.
@@ -174,7 +186,7 @@ class ChainRunner:
         }
         state = self.sampler.init_state(current)
         noise = {name: torch.empty_like(w) for name, w in current.items()}
-        noise_views = [(buffer.shape[1:], buffer.unbind()) for buffer in noise.values()]
+        noise_views = [buffer.unbind() for buffer in noise.values()]
         batches = cycle(self.data, self.device)
         # At equilibrium a regular model's loss sits n_params/(2nβ) above L(w*).
         regular_increase = self.n_params / (2 * self.n_beta)
@@ -213,9 +225,9 @@ class ChainRunner:
                     chains,
                     step,
                 )
-            for shape, views in noise_views:  # parameter by parameter, as one chain would
+            for views in noise_views:  # parameter by parameter, as one chain would
                 for view, generator in zip(views, generators, strict=True):
-                    torch.randn(shape, generator=generator, out=view)
+                    view.normal_(generator=generator)  # the values torch.randn would draw
             self.sampler.step(
                 current,
                 dict(zip(current, grads, strict=True)),

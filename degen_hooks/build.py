@@ -343,12 +343,8 @@ def build_bases(
             stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
             label += " (closed form)"
         elif site.key in sections:  # a section with a forward pass of its own
-            target = target_kw.get("target")
-            if target is None:
-                raise ValueError(
-                    f"The section of {site.key!r} needs a target site: give build_bases an "
-                    "output= site (or put the section's output among the sites)."
-                )
+            # The last site's section maps it to the model output (Site("") is the root).
+            target = target_kw.get("target") or Site("", positions=output_positions)
             gram = sections[site.key][0].gram_pass(
                 model, data, site, _as_site(target), readout, **common
             )

@@ -13,9 +13,11 @@ what is specific to the two model families of TransformerLens 3:
   its component path. Statistics are keyed by the name the user asked for; one HookPoint
   is hooked once per requested name, so nothing is counted twice.
 
-It also builds the closed-form MLP section of a block (:func:`mlp_section`, lib_math §12)
-and of its attention layer (:func:`attention_section`: one forward pass instead of
-backward probes), and records TransformerLens weight processing (``fold_ln``,
+It also builds the closed-form MLP section of a block (:func:`mlp_section`, lib_math §12),
+of its attention layer (:func:`attention_section`: one forward pass instead of backward
+probes), of a norm and a plain or gated MLP, the MLP-internal sites and the final norm and
+unembedding (:func:`block_mlp_section`, :func:`mlp_output_section`, :func:`unembed_section`),
+and records TransformerLens weight processing (``fold_ln``,
 ``center_writing_weights``, ...), which changes the weights and therefore the coordinates
 any basis is expressed in
 (:func:`processing_flags`, :func:`record_metadata`).
@@ -28,6 +30,7 @@ Nothing in ``degen_hooks`` imports this module at import time, and it never impo
 from __future__ import annotations
 
 from ._attention import AttentionSection, attention_section, attention_section_sites
+from ._blocks import block_mlp_section, mlp_output_section, unembed_section
 from ._mlp import mlp_section, mlp_section_sites, mlp_sites
 from ._names import is_bridge, is_transformer_lens, resolve_alias, site_modules, write_bypass
 from ._processing import ProcessedWeightsWarning, processing_flags, record_metadata
@@ -38,9 +41,11 @@ __all__ = [
     "ProcessedWeightsWarning",
     "attention_section",
     "attention_section_sites",
+    "block_mlp_section",
     "find_sections",
     "is_bridge",
     "is_transformer_lens",
+    "mlp_output_section",
     "mlp_section",
     "mlp_section_sites",
     "mlp_sites",
@@ -48,5 +53,6 @@ __all__ = [
     "record_metadata",
     "resolve_alias",
     "site_modules",
+    "unembed_section",
     "write_bypass",
 ]

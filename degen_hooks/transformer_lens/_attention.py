@@ -45,7 +45,7 @@ from .._errors import ShapeMismatchError
 from .._hooks import SiteHook
 from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
-from ._attention_edges import AttentionEdges
+from ._attention_edges import AttentionEdges, _heads
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
 from ._rotary import Rotary
@@ -91,9 +91,6 @@ def _check_attention(cfg: Any) -> None:
     unsupported = {
         "use_dynamic_ntk_rope (rotary tables rescaled during the forward pass)": bool(
             getattr(cfg, "use_dynamic_ntk_rope", False)
-        ),
-        f"n_key_value_heads={getattr(cfg, 'n_key_value_heads', None)} (grouped-query attention)": (
-            getattr(cfg, "n_key_value_heads", None) is not None
         ),
         "use_split_qkv_input / use_attn_in (per-head attention inputs)": bool(
             getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
@@ -372,10 +369,7 @@ class AttentionSection(AttentionEdges):
             )
         f64 = torch.float64
         n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
-        q, k, v = (
-            captured[name].to(f64).reshape(*captured[name].shape[:2], n_heads, d_head)
-            for name in self.hooks[:3]
-        )
+        q, k, v = (_heads(captured[name], n_heads, d_head) for name in self.hooks[:3])
         pattern = captured[self.hooks[3]].to(f64)
         x = captured[self.source].to(f64) if self.norm is not None else None
         if self.rotary is not None:
@@ -451,6 +445,9 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     cfg = _cfg(model)
     attn = _unwrap(model)[0].blocks[index].attn
     w_q, w_k, w_v, w_o = (getattr(attn, f"W_{n}").detach().to(torch.float64) for n in "QKVO")
+    # Grouped-query attention: a bridge keeps n_key_value_heads key/value weights, each
+    # serving n_heads / n_key_value_heads consecutive query heads.
+    w_k, w_v = (w.repeat_interleave(w_q.shape[0] // w.shape[0], dim=0) for w in (w_k, w_v))
     gain = _norm_weight(model, index, cfg, "ln1")
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
         w_q, w_k, w_v = (w * gain.to(w)[None, :, None] for w in (w_q, w_k, w_v))

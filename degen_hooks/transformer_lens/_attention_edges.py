@@ -22,6 +22,20 @@ from .._errors import ShapeMismatchError
 from ..sites import Site
 
 
+def _heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
+    """A q, k or v hook's tensor as ``(b, pos, n_heads, d_head)`` float64.
+
+    Grouped-query attention reads ``n_key_value_heads`` key and value heads; each serves
+    ``n_heads / n_key_value_heads`` consecutive query heads (TransformerLens'
+    ``repeat_interleave``), as the section's weights ``W_K``/``W_V`` do.
+    """
+    act = act.to(torch.float64)
+    act = act.reshape(*act.shape[:2], -1, d_head)
+    if act.shape[2] != n_heads:
+        act = act.repeat_interleave(n_heads // act.shape[2], dim=2)
+    return act
+
+
 class AttentionEdges:
     """The edge methods of :class:`~degen_hooks.transformer_lens.AttentionSection`."""
 
@@ -103,7 +117,7 @@ class AttentionEdges:
         x = src.site.features_last(act).to(f64)  # (b, pos, d_in)
         f = src.features(act)  # (b, K, r)
         device = f.device
-        q, k, v = (reads[role].to(f64).reshape(*x.shape[:2], n_heads, d_head) for role in "qkv")
+        q, k, v = (_heads(reads[role], n_heads, d_head) for role in "qkv")
         pattern = reads["p"].to(f64)
         if self.rotary is not None:
             self._check_positions(q, reads["plain_q"].to(f64))

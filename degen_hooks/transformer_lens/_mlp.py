@@ -60,13 +60,14 @@ def mlp_sites(model: nn.Module, layer: int | None = None) -> dict[str, list[str]
     return out
 
 
-def _check_mlp(cfg: Any) -> None:
+def _check_mlp(cfg: Any, *, gated_ok: bool = False) -> None:
     if getattr(cfg, "attn_only", False):
         raise ValueError("The model is attention-only (cfg.attn_only=True): it has no MLPs.")
-    if getattr(cfg, "gated_mlp", False):
+    if getattr(cfg, "gated_mlp", False) and not gated_ok:
         raise ValueError(
             "Gated MLPs (cfg.gated_mlp=True) have no 'Linear -> activation -> Linear' closed "
-            "form: collect Jacobians with jacobians='exact' instead."
+            "form: use degen_hooks.transformer_lens.block_mlp_section (sections='auto' finds "
+            "it) or jacobians='exact'."
         )
     if (getattr(cfg, "num_experts", None) or 0) > 1:
         raise ValueError(
@@ -127,9 +128,13 @@ def mlp_section_sites(
 
 def _norm_weight(model: nn.Module, index: int, cfg: Any, norm: str = "ln2") -> torch.Tensor | None:
     """The elementwise gain ``norm`` applies after ``hook_normalized`` (``None`` if none)."""
+    return norm_gain(getattr(_unwrap(model)[0].blocks[index], norm), cfg)
+
+
+def norm_gain(module: nn.Module, cfg: Any) -> torch.Tensor | None:
+    """A norm module's elementwise gain (``None`` for none or a parameter-free norm)."""
     if getattr(cfg, "normalization_type", None) not in _NORMS - _PARAM_FREE_NORMS:
         return None
-    module = getattr(_unwrap(model)[0].blocks[index], norm)
     weight = getattr(module, "w", None)  # HookedTransformer
     if not isinstance(weight, torch.Tensor):
         weight = getattr(module, "weight", None)  # TransformerBridge

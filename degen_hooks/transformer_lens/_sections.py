@@ -9,16 +9,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..closed_form import MLPSection
 from ..sites import Site, _unwrap
 from ._attention import attention_section, attention_section_sites, unprefixed
+from ._blocks import block_mlp_section, mlp_output_section, unembed_section
 from ._mlp import mlp_section, mlp_section_sites
 from ._names import _NORMS, _cfg
 
-_BLOCK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post)$")
+_BLOCK = re.compile(
+    r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|mlp\.hook_pre|mlp\.hook_post)$"
+)
 
 
 def find_sections(
@@ -35,15 +36,23 @@ def find_sections(
     * ``blocks.L.hook_resid_pre -> blocks.L.hook_resid_mid`` (``hook_resid_post`` in
       attention-only models): :func:`~degen_hooks.transformer_lens.attention_section`, any
       positions on either side;
-    * ``blocks.L.hook_resid_mid -> blocks.L.hook_resid_post``: the residual MLP
-      (:func:`~degen_hooks.transformer_lens.mlp_section`, derivative moments at
-      ``blocks.L.mlp.hook_pre``), without a norm before the MLP and with the same positions
-      on both sides (the MLP acts position by position);
-    * the last block's ``hook_resid_post -> logits`` (the model output): the linear
-      unembedding, without a final norm and with the same positions on both sides.
+    * ``blocks.L.hook_resid_mid -> blocks.L.hook_resid_post``: the residual MLP: without a
+      norm before a plain MLP :func:`~degen_hooks.transformer_lens.mlp_section` (derivative
+      moments at ``blocks.L.mlp.hook_pre``), else, after a LayerNorm/RMSNorm or gated
+      (SwiGLU, GeGLU), :func:`~degen_hooks.transformer_lens.block_mlp_section` (a forward
+      pass of its own);
+    * ``blocks.L.hook_resid_mid -> blocks.L.mlp.hook_pre`` / ``mlp.hook_post``: the norm and
+      the input projection (and the activation);
+    * ``blocks.L.mlp.hook_post -> blocks.L.hook_resid_post`` (and ``mlp.hook_pre`` of a plain
+      MLP): :func:`~degen_hooks.transformer_lens.mlp_output_section`;
+    * the last block's ``hook_resid_post -> logits`` (the model output): the unembedding,
+      after the final norm if there is one
+      (:func:`~degen_hooks.transformer_lens.unembed_section`).
 
-    A pair the closed forms do not cover (a norm before the MLP, rotary attention on a
-    bridge, sites of different blocks, ...) is left out: ``build_bases`` runs backward passes there.
+    Every pair but the attention's needs the same positions on both sides (the sections act
+    position by position). A pair the closed forms do not cover (rotary attention on a
+    bridge, sites of different blocks, ...) is left out: ``build_bases`` runs backward
+    passes there.
 
     Returns:
         ``{site key: (section, pre-activation site or None)}``, as ``build_bases(sections=)``
@@ -84,26 +93,34 @@ def _section_between(
     layer, role = int(match.group(1)), match.group(2)
     if target is None:  # the model output: the unembedding after the last block
         last = role == "hook_resid_post" and layer == int(cfg.n_layers) - 1
-        if not last or getattr(cfg, "normalization_type", None) in _NORMS:
+        if not last or not _same_positions(site.positions, output_positions):
             return None
-        if not _same_positions(site.positions, output_positions):
-            return None
-        w_unembed = _unwrap(model)[0].unembed.W_U.detach().to(torch.float64).T  # (vocab, d)
-        eye = torch.eye(w_unembed.shape[0], dtype=torch.float64)
-        return MLPSection(w_unembed, eye, "identity"), None
+        return unembed_section(model), None
     target_name = unprefixed(target, prefix)
+    block = f"blocks.{layer}."
+    target_role = target_name[len(block) :] if target_name.startswith(block) else None
+    if target_name == f"blocks.{layer + 1}.hook_resid_pre":  # the same tensor
+        target_role = "hook_resid_post"
     try:
         if role == "hook_resid_pre":
             if (name, target_name) != attention_section_sites(model, layer):
                 return None
             return attention_section(model, layer), None
-        if role == "hook_resid_mid":
-            source, pre, out = mlp_section_sites(model, layer, residual=True)
-            if (name, target_name) != (source, out):
-                return None
-            if not _same_positions(site.positions, target.positions):
-                return None
+        if not _same_positions(site.positions, target.positions):
+            return None
+        if role == "hook_resid_mid" and target_role == "hook_resid_post":
+            plain = getattr(cfg, "normalization_type", None) not in _NORMS and not getattr(
+                cfg, "gated_mlp", False
+            )
+            if not plain:
+                return block_mlp_section(model, layer, output="hook_resid_post"), None
+            _, pre, _ = mlp_section_sites(model, layer, residual=True)
             return mlp_section(model, layer, residual=True), Site(pre)
+        if role == "hook_resid_mid" and target_role in ("mlp.hook_pre", "mlp.hook_post"):
+            return block_mlp_section(model, layer, output=target_role[4:]), None
+        if role in ("mlp.hook_post", "mlp.hook_pre") and target_role == "hook_resid_post":
+            section = mlp_output_section(model, layer, source=role[4:])
+            return section, (None if section.is_linear else Site(name))
     except ValueError:  # a block the closed forms do not cover: backward passes instead
         return None
     return None

@@ -247,7 +247,6 @@ def test_unsupported_attention_is_refused():
     base = {**toy_config(), "n_layers": 1}
     for extra, message in (
         ({"use_dynamic_ntk_rope": True}, "use_dynamic_ntk_rope"),
-        ({"n_key_value_heads": 1}, "grouped-query"),
         ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap=30.0"),
         ({"original_architecture": "Olmo2ForCausalLM"}, "use_qk_norm"),
     ):

@@ -40,7 +40,7 @@ def batches() -> list[torch.Tensor]:
 def block_sites(positions: tuple, n_layers: int = 2) -> list[dh.Site]:
     """The residual stream of the toy, earliest first: ``resid_pre`` and ``resid_mid`` of
     each block, then the last ``resid_post``. ``resid_mid -> next resid_pre`` (named as the
-    next block's input) is no closed-form pair: backward passes run there."""
+    next block's input, the same tensor as ``resid_post``) is the residual MLP."""
     first, later = positions
     sites = []
     for layer in range(n_layers):
@@ -50,6 +50,10 @@ def block_sites(positions: tuple, n_layers: int = 2) -> list[dh.Site]:
         sites.append(dh.Site(f"blocks.{layer}.hook_resid_mid", positions=later))
     sites.append(dh.Site(f"blocks.{n_layers - 1}.hook_resid_post", positions=later))
     return sites
+
+
+def pairs_of(sites):
+    return list(zip(sites[:-1], sites[1:], strict=True))
 
 
 def assert_same_graph(model, basis, data, rule, *, rtol=RTOL, sections="auto", **kw):
@@ -80,9 +84,9 @@ def test_every_section_kind_equals_backward_passes(model, batches, positions):
     )
     graph = quiet(assert_same_graph, model, basis, batches, {}, **kw)
     has_norm = model.cfg.normalization_type is not None
-    pairs = zip(sites[:-1], sites[1:], strict=True)
-    attention = [(a.key, b.key) for a, b in pairs if "resid_pre" in a.name]
-    mlp = [(sites[-2].key, sites[-1].key), (sites[-1].key, "output")]  # MLP, unembedding
+    attention = [(a.key, b.key) for a, b in pairs_of(sites) if "resid_pre" in a.name]
+    mlp = [(a.key, b.key) for a, b in pairs_of(sites) if "resid_mid" in a.name]
+    mlp.append((sites[-1].key, "output"))  # the unembedding
     expected = attention + ([] if has_norm else mlp)
     assert sorted(graph.closed_form_) == sorted(expected)
 
@@ -90,6 +94,8 @@ def test_every_section_kind_equals_backward_passes(model, batches, positions):
 @pytest.mark.parametrize("rule", list(RULES.values())[1:], ids=list(RULES)[1:])
 def test_stochastic_and_integrated_edges(plain_model, batches, rule):
     sites = block_sites((None, [1, 4]))
+    # Block 1 read at every position: block 0's MLP pair changes positions, no closed form.
+    sites[2] = dh.Site("blocks.1.hook_resid_pre")
     kw = {"output": True, "output_positions": [1, 4], "progress": False}
     basis = quiet(
         dh.build_bases, plain_model, sites, batches, output_positions=[1, 4], progress=False
@@ -253,4 +259,4 @@ def test_small_chunks_split_samples_and_output_positions(plain_model, batches, r
     kw = {"output": True, "progress": False}
     basis = quiet(dh.build_bases, plain_model, sites, batches, progress=False)
     graph = assert_same_graph(plain_model, basis, batches, rule, **kw)
-    assert len(graph.closed_form_) == len(graph.pairs_) - 1
+    assert graph.closed_form_ == graph.pairs_  # every pair, the MLP of block 0 included

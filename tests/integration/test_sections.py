@@ -43,11 +43,13 @@ def test_leaves_out_what_has_no_closed_form(build, family):
         warnings.simplefilter("ignore", dh.transformer_lens.ProcessedWeightsWarning)
         normed = build[family]("relu", "LN")
     found = find_sections(normed, residual_sites())
-    # Attention after ln1 has a closed form; the MLP after ln2 and the unembedding after
-    # ln_final do not.
+    # Attention after ln1, the MLP after ln2 and the unembedding after ln_final (#16).
     assert kinds(found) == {
         "blocks.0.hook_resid_pre": "AttentionSection",
+        "blocks.0.hook_resid_mid": "NormedMLPSection",
         "blocks.1.hook_resid_pre": "AttentionSection",
+        "blocks.1.hook_resid_mid": "NormedMLPSection",
+        "blocks.1.hook_resid_post": "NormedMLPSection",
     }
     plain = build[family]("relu", None)
     last = [dh.Site("blocks.0.hook_resid_mid"), dh.Site("blocks.0.hook_resid_post", positions=-1)]

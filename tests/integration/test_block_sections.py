@@ -38,7 +38,11 @@ ARCHITECTURES = {  # name -> config overrides
         rotary_dim=4,
     ),  # fmt: skip
     "gqa": dict(
-        act_fn="silu", normalization_type="RMS", gated_mlp=True, n_heads=4, d_head=2,
+        act_fn="silu",
+        normalization_type="RMS",
+        gated_mlp=True,
+        n_heads=4,
+        d_head=2,
         n_key_value_heads=2,
     ),  # fmt: skip
     "plain": dict(act_fn="relu", normalization_type=None),

@@ -42,6 +42,7 @@ from .build import build_bases
 # Collecting statistics from a model
 from .closed_form import MLPSection, activation_derivative
 from .collect import Collection, collect
+from .normed_section import NormedMLPSection
 
 # Results that last, and across processes
 from . import io
@@ -75,6 +76,7 @@ __all__ = [
     # collecting statistics
     "Collection",
     "MLPSection",
+    "NormedMLPSection",
     "Probe",
     "Site",
     "activation_derivative",

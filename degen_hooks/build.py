@@ -107,12 +107,14 @@ def build_bases(
             :class:`~degen_hooks.MLPSection` the derivative moments are collected at
             ``pre_activation_site`` (same positions as ``site``; ``None`` for a linear
             section, which needs no data). A section with a ``gram_pass`` method, such as
-            :func:`degen_hooks.transformer_lens.attention_section` (pre-activation site
-            ``None``), replaces the site's backward passes by one forward pass of its own.
-            ``"auto"`` (default) finds ``Linear -> activation -> Linear`` sections of
-            ``nn.Sequential`` models (:func:`~degen_hooks.closed_form.find_mlp_sections`)
-            and the attention, MLP and unembedding sections between residual-stream sites
-            of TransformerLens models
+            :func:`degen_hooks.transformer_lens.attention_section` or a
+            :class:`~degen_hooks.NormedMLPSection` (pre-activation site ``None``), replaces
+            the site's backward passes by one forward pass of its own (the last site's
+            section reads the model output at ``output_positions``). ``"auto"`` (default)
+            finds ``Linear -> activation -> Linear`` sections of ``nn.Sequential`` models
+            (:func:`~degen_hooks.closed_form.find_mlp_sections`) and the attention, MLP
+            (after a norm, gated or not), MLP-internal and unembedding sections between
+            consecutive sites of TransformerLens models
             (:func:`degen_hooks.transformer_lens.find_sections`);
             ``None`` forces backward passes everywhere. ``variant="lib"`` only.
         rtol: Relative eigenvalue threshold (default ``10 * d * eps``).

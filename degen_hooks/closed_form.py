@@ -234,6 +234,8 @@ class MLPSection:
                 f"Readout of shape {tuple(readout.shape)} cannot read the section output of "
                 f"width {d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
             )
+        if self.is_linear:
+            return self._linear_gram(readout)
         if derivs is None:
             if not self.is_linear:
                 raise ValueError(
@@ -260,6 +262,23 @@ class MLPSection:
             cross = mean_a.T @ q
             gram = gram + q + cross + cross.T
         # Symmetric by construction; symmetrise the rounding so eigh sees an exact one.
+        return (gram + gram.T) / 2
+
+    def _linear_gram(self, readout: torch.Tensor | None) -> torch.Tensor:
+        """A constant Jacobian ``J = [I +] W_out W_in``: ``J^T Q J`` without any
+        ``d_mlp x d_mlp`` (or identity) product, e.g. an unembedding ``(eye, W_U)``."""
+        f64 = torch.float64
+        w_in = self.w_in.detach().to(f64)
+        w_out = self.w_out.detach().to(device=w_in.device, dtype=f64)
+        read = None if readout is None else readout.detach().to(device=w_in.device, dtype=f64)
+        m = w_out if read is None else read.T @ w_out  # R^T W_out: (r, d_mlp)
+        if not _is_identity(w_in):
+            m = m @ w_in  # R^T A, A = W_out W_in: (r, d_in)
+        gram = m.T @ m
+        if self.residual:
+            r_t = torch.eye(m.shape[1], dtype=f64, device=w_in.device) if read is None else read.T
+            cross = r_t.T @ m  # Q A
+            gram = gram + r_t.T @ r_t + cross + cross.T
         return (gram + gram.T) / 2
 
     def edge_sums(
@@ -392,6 +411,12 @@ class MLPSection:
                 attribution = f[:, block].reshape(jac.shape[:3])[..., None] * jac
                 _add_squares(edges[block], attribution, signs[:, part])
         return edges.T
+
+
+def _is_identity(w: torch.Tensor) -> bool:
+    if w.shape[0] != w.shape[1]:
+        return False
+    return torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype, device=w.device))
 
 
 def _activation_name(module: nn.Module) -> str:

@@ -168,8 +168,8 @@ def unembed_section(model: nn.Module) -> NormedMLPSection | MLPSection:
     inner = _unwrap(model)[0]
     w_u = inner.unembed.W_U.detach().to(F64).T.clone()  # (d_vocab, d_model)
     kind = _norm_kind(cfg)
-    if kind is None:
-        return MLPSection(w_u, torch.eye(w_u.shape[0], dtype=F64), "identity")
+    if kind is None:  # (eye, W_U), not (W_U, eye): never a d_vocab x d_vocab matrix
+        return MLPSection(torch.eye(w_u.shape[1], dtype=F64), w_u, "identity")
     ln_final = inner.ln_final
     gain = norm_gain(ln_final, cfg)
     beta = _norm_bias(ln_final, cfg)

@@ -219,3 +219,20 @@ def test_jacobian_gram_is_symmetric_psd():
     )
     torch.testing.assert_close(gram, gram.T, rtol=0, atol=0)
     assert float(torch.linalg.eigvalsh(gram).min()) > -1e-12 * math.sqrt(float(gram.trace()))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("identity_in", [False, True])
+@pytest.mark.parametrize("with_readout", [False, True])
+def test_linear_sections_take_no_hidden_square(residual, identity_in, with_readout):
+    """A linear section's Gram is ``J^T Q J`` with ``J = [I +] W_out W_in``, formed without a
+    ``d_mlp x d_mlp`` product (an unembedding is ``(eye(d_model), W_U)``)."""
+    gen = torch.Generator().manual_seed(0)
+    d, d_mlp = 5, 5 if identity_in else 7
+    w_in = torch.eye(d) if identity_in else torch.randn(d_mlp, d, generator=gen)
+    w_out = torch.randn(d, d_mlp, generator=gen)
+    section = dh.MLPSection(w_in.double(), w_out.double(), "identity", residual=residual)
+    readout = torch.randn(d, 3, generator=gen, dtype=torch.float64) if with_readout else None
+    jac = w_out.double() @ w_in.double() + (torch.eye(d, dtype=torch.float64) if residual else 0)
+    q = torch.eye(d, dtype=torch.float64) if readout is None else readout @ readout.T
+    assert_gram(section.jacobian_gram(None, readout), jac.T @ q @ jac, rtol=1e-12)

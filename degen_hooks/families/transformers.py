@@ -1,0 +1,201 @@
+"""The Hugging Face ``transformers`` family as an adapter: closed-form sections (#16).
+
+Found by :func:`degen_hooks._family.family_of` for any model whose classes come from
+``transformers``; the sites are :func:`degen_hooks.families.hf.decoder_sites`'. Between
+consecutive sites of one decoder layer (and from the last layer to the logits),
+:func:`find_sections` gives the closed forms ``build_bases(sections="auto")`` and
+``InteractionGraph`` use:
+
+* ``resid_mid -> resid_post`` (or the next layer's ``resid_pre``): the norm before the MLP
+  and the MLP with its skip connection, a residual :class:`~degen_hooks.NormedMLPSection`;
+* ``resid_mid -> mlp_hidden``: the norm, the input projection(s) and the activation;
+* ``mlp_hidden -> resid_post``: the output projection, a linear
+  :class:`~degen_hooks.MLPSection`;
+* the last ``resid_post -> logits``: the final norm and the unembedding.
+
+Covered: GPT-2 (LayerNorm, ``Conv1D`` projections) and the Llama layout with separate gate
+and up projections (Llama, Mistral, Qwen 2 and 3: RMSNorm, SwiGLU, no projection biases).
+Attention is left to backward passes. Llama-style RMSNorm takes its variance in float32
+whatever the model's dtype, so on a float64 model these closed forms (float64 throughout)
+differ from the model's own Jacobian at float32 rounding (about 1e-7 relative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..closed_form import MLPSection, activation_derivative
+from ..normed_section import NormedMLPSection
+from ..sites import Site, _unwrap
+from .hf import _LAYOUTS, decoder_layers
+
+__all__ = ["find_sections"]
+
+F64 = torch.float64
+_LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_FINAL = {
+    "gpt2": ("transformer.ln_f", "lm_head"),
+    **dict.fromkeys(_LLAMA_TYPES, ("model.norm", "lm_head")),
+}
+
+
+def find_sections(
+    model: nn.Module,
+    sites: list[Site],
+    output: Site | None = None,
+    output_positions: Any = None,
+) -> dict[str, tuple[Any, Site | None]]:
+    """Closed-form sections between consecutive sites of a ``transformers`` decoder model.
+
+    Args:
+        model: A ``transformers`` model (GPT-2 or a Llama-layout model; others get none).
+        sites: The sites in forward order (e.g. from ``decoder_sites``).
+        output: The site after the last one; ``None``: the model's logits.
+        output_positions: Positions of the logits (when ``output`` is ``None``).
+
+    Returns:
+        ``{site key: (section, None)}``, as ``build_bases(sections=)`` takes it; pairs
+        without a closed form are left out (backward passes run there).
+    """
+    inner, prefix = _unwrap(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if model_type not in _FINAL:
+        return {}
+    layers = decoder_layers(inner)
+    layout = _LAYOUTS[model_type]
+    found: dict[str, tuple[Any, Site | None]] = {}
+    for site, target in zip(sites, [*sites[1:], output], strict=True):
+        try:
+            section = _section(inner, model_type, layers, layout, site, target, output_positions)
+        except ValueError:  # a layer the closed forms do not cover: backward passes
+            section = None
+        if section is not None:
+            found[site.key] = (section, None)
+    return found
+
+
+def _role(site: Site | None, layers: list[str], layout: Any) -> tuple[int, str] | None:
+    """``(layer index, kind)`` of a site, or ``None`` for any other site."""
+    if site is None:
+        return None
+    for index, layer in enumerate(layers):
+        if site.name == layer:
+            if site.io == "output":
+                return index, "resid_post"
+            return (index - 1, "resid_post") if index else None  # the previous layer's output
+        if site.io == "input" and site.name == f"{layer}.{layout.mlp_norm}":
+            return index, "resid_mid"
+        if site.io == "input" and site.name == f"{layer}.{layout.down}":
+            return index, "mlp_hidden"
+    return None
+
+
+def _section(
+    model: nn.Module,
+    model_type: str,
+    layers: list[str],
+    layout: Any,
+    site: Site,
+    target: Site | None,
+    output_positions: Any,
+) -> Any:
+    where = _role(site, layers, layout)
+    if where is None:
+        return None
+    index, kind = where
+    if target is None:
+        if kind != "resid_post" or index != len(layers) - 1:
+            return None
+        if not _same_positions(site.positions, output_positions):
+            return None
+        return _unembed(model, model_type)
+    to = _role(target, layers, layout)
+    if to is None or to[0] != index or not _same_positions(site.positions, target.positions):
+        return None
+    layer = model.get_submodule(layers[index])
+    if (kind, to[1]) == ("resid_mid", "resid_post"):
+        return _block(model, model_type, layer, layout, "resid_post")
+    if (kind, to[1]) == ("resid_mid", "mlp_hidden"):
+        return _block(model, model_type, layer, layout, "hidden")
+    if (kind, to[1]) == ("mlp_hidden", "resid_post"):
+        w_out = _projection(layer.get_submodule(layout.down))[0]
+        return MLPSection(torch.eye(w_out.shape[1], dtype=F64), w_out, "identity")
+    return None
+
+
+def _same_positions(a: Any, b: Any) -> bool:
+    return (
+        Site("a", positions=a).to_info()["positions"]
+        == Site("b", positions=b).to_info()["positions"]
+    )
+
+
+def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight in nn.Linear layout (out, in), bias)`` of a Linear or GPT-2 ``Conv1D``."""
+    weight = module.weight.detach().to(F64)
+    if not isinstance(module, nn.Linear):  # transformers' Conv1D: y = x @ W + b
+        weight = weight.T
+    bias = getattr(module, "bias", None)
+    return weight.clone(), None if bias is None else bias.detach().to(F64).clone()
+
+
+def _norm(module: nn.Module) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
+    """``(kind, gain, bias, eps)`` of a LayerNorm or an RMSNorm module."""
+    gain = getattr(module, "weight", None)
+    gain = None if gain is None else gain.detach().to(F64)
+    if isinstance(module, nn.LayerNorm):
+        bias = None if module.bias is None else module.bias.detach().to(F64)
+        return "LN", gain, bias, float(module.eps)
+    if "RMSNorm" in type(module).__name__:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            raise ValueError(f"{type(module).__name__} keeps no epsilon.")
+        return "RMS", gain, None, float(eps)
+    raise ValueError(f"No closed form for the norm {type(module).__name__}.")
+
+
+def _activation(model: nn.Module) -> str:
+    config = model.config
+    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    activation_derivative(str(name))  # raises ValueError for an unknown one
+    return str(name)
+
+
+def _block(
+    model: nn.Module, model_type: str, layer: nn.Module, layout: Any, to: str
+) -> NormedMLPSection:
+    kind, gain, beta, eps = _norm(layer.get_submodule(layout.mlp_norm))
+    mlp = layer.get_submodule(layout.mlp)
+    if model_type == "gpt2":
+        w_in, bias = _projection(mlp.c_fc)
+        gated = False
+    else:
+        (w_gate, b_gate), (w_up, b_up) = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+        if b_gate is not None or b_up is not None:
+            raise ValueError("The gated closed form takes projections without biases.")
+        w_in, bias, gated = torch.cat([w_gate, w_up]), None, True
+    w_out = _projection(layer.get_submodule(layout.down))[0]
+    if to == "hidden":
+        w_out = torch.eye(w_out.shape[1], dtype=F64) if gated else None
+    if beta is not None:  # z = (N * gain + beta) W_in^T + b: beta joins the bias
+        shift = w_in @ beta
+        bias = shift if bias is None else bias + shift
+    if gain is not None:
+        w_in = w_in * gain[None, :]
+    return NormedMLPSection(
+        w_in, w_out, bias=bias, activation=_activation(model), norm=kind, eps=eps,
+        residual=to == "resid_post", gated=gated,
+    )  # fmt: skip
+
+
+def _unembed(model: nn.Module, model_type: str) -> NormedMLPSection:
+    norm_path, head_path = _FINAL[model_type]
+    kind, gain, beta, eps = _norm(model.get_submodule(norm_path))
+    w_u = _projection(model.get_submodule(head_path))[0]
+    bias = None if beta is None else w_u @ beta
+    if gain is not None:
+        w_u = w_u * gain[None, :]
+    return NormedMLPSection(w_u, None, bias=bias, activation="identity", norm=kind, eps=eps)

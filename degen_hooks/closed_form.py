@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._edge_kernel import edge_kernel
 from ._errors import ShapeMismatchError
 from .accumulators import Covariance
 from .sites import Site
@@ -34,22 +35,6 @@ __all__ = ["MLPSection", "activation_derivative", "find_mlp_sections"]
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 #: Elements of the per-chunk temporaries of closed-form edges (8 MiB of float64 each).
 EDGE_ELEMENTS = 2**20
-
-
-def _add_squares(
-    edges: torch.Tensor, attribution: torch.Tensor, signs: torch.Tensor | None
-) -> None:
-    """``edges += sum_(b, t) attribution^2``, or with ``signs`` the squares of signed sums.
-
-    ``attribution`` is ``(b, t, ...)`` (samples, output positions); ``signs`` is
-    ``(n_sources, b, t, 1)``: the stochastic edges square ``sum_t phi_st attribution_bt``.
-    """
-    if signs is None:
-        edges += attribution.square().sum((0, 1))
-        return
-    n_sources, n, n_pos = signs.shape[:3]
-    mixed = signs.reshape(n_sources, n, n_pos).permute(1, 0, 2) @ attribution.reshape(n, n_pos, -1)
-    edges += mixed.square().sum((0, 1)).reshape(edges.shape)
 
 
 def _relu(z: torch.Tensor) -> torch.Tensor:
@@ -360,8 +345,7 @@ class MLPSection:
             eye = torch.eye(d_in, dtype=f64, device=device)
             read = eye if readout is None else readout
             skip = total * (read if readin is None else readin @ read)  # (r, r_next)
-        n, n_pos, r = features.shape
-        edges = torch.zeros(r, b_out.shape[1], dtype=f64, device=device)  # transposed E
+        r = features.shape[-1]
         if self.is_linear:
             # A constant Jacobian: E_ij = J_ji^2 sum (f_tj or its signed sums over t)^2.
             jac = total * (a_in @ b_out) + (0 if skip is None else skip)
@@ -376,41 +360,18 @@ class MLPSection:
             )
         derivative = activation_derivative(self.activation)
         shift = 0 if mean is None else mean.to(device=device, dtype=f64)
-        d_mlp, r_next = self.d_mlp, b_out.shape[1]
-        # J_n = sum_k s_nk a_in[:, k] b_out[k, :]: one product slope @ P of the chunk's
-        # derivatives with P[k, (j, i)] = a_in[j, k] b_out[k, i], P in blocks of input
-        # features j. Chunks hold whole samples (signs mix a sample's positions).
-        per_sample = n_pos * d_mlp
-        step = max(1, elements // per_sample)
-        width = max(1, min(r, elements // (d_mlp * r_next), elements // (step * n_pos * r_next)))
-        for start in range(0, n, step):
-            part = slice(start, start + step)
+
+        def slopes(part: slice) -> tuple[torch.Tensor, None]:
             f = features[part].reshape(-1, r)
             x = inputs[part].reshape(-1, inputs.shape[-1]).to(f64)
-            z = pre[part].reshape(-1, d_mlp).to(f64)
+            z = pre[part].reshape(-1, self.d_mlp).to(f64)
             slope = torch.zeros_like(z)
             for alpha, weight in zip(alphas, w, strict=True):
                 rebuilt = alpha * f if readin is None else (alpha * f) @ readin
                 slope += weight * derivative(z + (rebuilt + shift - x) @ w_in.T)
-            for first in range(0, r, width):
-                block = slice(first, first + width)
-                if signs is None:
-                    # Exact edges: E_ji += sum_n f_nj^2 J_n[j, i]^2, J laid out (j, i, n)
-                    # so that the sum over rows is one batched product.
-                    products = (a_in[block, None, :] * b_out.T[None]).reshape(-1, d_mlp)
-                    jac = (products @ slope.T).view(-1, r_next, slope.shape[0])
-                    if skip is not None:
-                        jac += skip[block, :, None]
-                    weight_rows = f[:, block].T.square()[:, :, None]  # (j, n, 1)
-                    edges[block] += torch.bmm(jac.square_(), weight_rows)[..., 0]
-                    continue
-                products = (a_in[block].T[:, :, None] * b_out[:, None, :]).reshape(d_mlp, -1)
-                jac = (slope @ products).view(-1, n_pos, products.shape[1] // r_next, r_next)
-                if skip is not None:
-                    jac += skip[block]
-                attribution = f[:, block].reshape(jac.shape[:3])[..., None] * jac
-                _add_squares(edges[block], attribution, signs[:, part])
-        return edges.T
+            return slope, None
+
+        return edge_kernel(features, a_in, b_out, slopes, skip, signs, elements).T
 
 
 def _is_identity(w: torch.Tensor) -> bool:

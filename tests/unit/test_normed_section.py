@@ -171,3 +171,34 @@ def test_bad_inputs_teach():
         NormedMLPSection(torch.ones(4, D), None, residual=True)
     with pytest.raises(RuntimeError, match="never reached"):
         section.gram_pass(model, [torch.randn(2, D, dtype=F64)], dh.Site("unused"), dh.Site("out"))
+
+
+GRAPH_RULES = {
+    "exact": {},
+    "stochastic": {"method": "stochastic", "n_sources": 3, "seed": 2},
+    "gauss-legendre": {"integration": "gauss-legendre", "n_intervals": 3},
+}
+
+
+@pytest.mark.parametrize(("norm", "gated", "activation", "residual"), CASES)
+@pytest.mark.parametrize("rule", GRAPH_RULES.values(), ids=GRAPH_RULES.keys())
+@pytest.mark.parametrize("positions", [None, "last"])
+def test_graph_edges_equal_backward_passes(norm, gated, activation, residual, rule, positions):
+    """Closed-form edges (#19) of every section kind, with positions and integration."""
+    from degen_hooks.graph import InteractionGraph
+
+    model = Block(norm, gated, activation, residual)
+    x = torch.randn(24, 3, D, generator=torch.Generator().manual_seed(5), dtype=F64) + 0.3
+    data = list(x.split(8))
+    sites = [dh.Site("inp", positions=positions), dh.Site("out", positions=positions)]
+    sections = {sites[0].key: (model.section(), None)}
+    basis = dh.build_bases(model, sites, data, sections=sections, progress=False)
+    common = {"output": False, "progress": False}
+    closed = InteractionGraph(**rule).fit(model, basis, data, sections=sections, **common)
+    backward = InteractionGraph(**rule).fit(model, basis, data, sections=None, **common)
+    assert closed.closed_form_ == closed.pairs_ and backward.closed_form_ == []
+    for pair in closed.pairs_:
+        expected = backward.edges_[pair]
+        torch.testing.assert_close(
+            closed.edges_[pair], expected, rtol=1e-10, atol=1e-14 * float(expected.max())
+        )

@@ -389,13 +389,19 @@ class AttentionSection(AttentionEdges):
         buffer = scratch.get("rows")
         if buffer is None or buffer.numel() < size or buffer.device != q.device:
             buffer = scratch["rows"] = torch.empty(size, dtype=f64, device=q.device)
+        diagonal = outputs[:, None] == inputs[None, :]  # (P, K): skip and query terms
         for start in range(0, v.shape[0], step):
             part = slice(start, start + step)
             rows = self.jacobian_rows(
                 q[part], k[part], v[part], pattern[part], readout, inputs, outputs, weights,
                 buffer, None if x is None else x[part],
             )  # fmt: skip
-            gram.update(rows.view(-1, self.d_in), count=rows.shape[0] * len(inputs))
+            # An input no head of any sample attends to from an output (a causal mask's
+            # future keys) gives exact zero rows there: leave them out of the product.
+            seen = pattern[part][:, :, outputs][..., inputs] != 0  # (b, h, P, K)
+            live = seen.flatten(0, 1).any(0) | diagonal
+            used = rows if bool(live.all()) else rows[:, live]
+            gram.update(used.reshape(-1, self.d_in), count=rows.shape[0] * len(inputs))
 
 
 def unprefixed(site: Site, prefix: str) -> str:

@@ -265,3 +265,25 @@ def test_an_empty_readout_gives_a_zero_gram(plain_model, tokens):
     gram = section.gram_pass(plain_model, tokens.split(4), site, out, empty, progress=False)
     assert gram.n_samples == 2 * tokens.shape[0]
     assert torch.equal(gram.second_moment(), torch.zeros(8, 8, dtype=torch.float64))
+
+
+def test_masked_inputs_give_no_rows(plain_model, tokens, monkeypatch):
+    """Causal attention: an output never reads a later input, whose rows are exact zeros and
+    are left out of the Gram's product (half of them), with the same Gram."""
+    source, target = attention_section_sites(plain_model, 0, residual=True)
+    site, out = dh.Site(source), dh.Site(target)
+    section = attention_section(plain_model, 0, residual=True)
+    seen = []
+    update = dh.SecondMoment.update
+
+    def counting(self, x, *args, **kw):
+        seen.append(x.shape[0])
+        return update(self, x, *args, **kw)
+
+    monkeypatch.setattr(dh.SecondMoment, "update", counting)
+    closed = section.gram_pass(plain_model, [tokens], site, out, readout(), progress=False)
+    n_pos = tokens.shape[1]
+    assert sum(seen) == tokens.shape[0] * n_pos * (n_pos + 1) // 2 * 3  # (p, j <= p) x r
+    monkeypatch.setattr(dh.SecondMoment, "update", update)
+    exact = exact_gram(plain_model, tokens, site, out, readout())
+    torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)

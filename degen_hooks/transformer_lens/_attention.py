@@ -46,6 +46,7 @@ from .._hooks import SiteHook
 from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
 from ._attention_edges import AttentionEdges, _heads
+from ._attention_gram import lowrank_gram
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
 from ._rotary import Rotary
@@ -382,6 +383,21 @@ class AttentionSection(AttentionEdges):
         if readout.shape[1] == 0:  # the next site kept no feature: no probe, a zero Gram
             empty = torch.zeros(0, self.d_in, dtype=f64, device=q.device)
             gram.update(empty, count=v.shape[0] * len(inputs))
+            return
+        if self.rotary is None:  # the Gram from its pieces, not one row per probe
+            r = readout.shape[1]
+            n_out, n_in = len(outputs), len(inputs)
+            per_sample = n_heads * n_out * (n_in + n_pos) * max(r, d_head) + n_out * r * self.d_in
+            step = max(1, _ELEMENTS // per_sample)
+            total = torch.zeros(self.d_in, self.d_in, dtype=f64, device=q.device)
+            for start in range(0, v.shape[0], step):
+                part = slice(start, start + step)
+                total += lowrank_gram(
+                    self, q[part], k[part], v[part], pattern[part], readout, inputs, outputs,
+                    weights, None if x is None else x[part],
+                )  # fmt: skip
+            n_samples = v.shape[0] * n_in
+            gram.merge(SecondMoment.from_matrix((total + total.T) / (2 * n_samples), n_samples))
             return
         per_sample = len(outputs) * len(inputs) * readout.shape[1] * self.d_in
         step = max(1, _ELEMENTS // max(per_sample, n_heads * len(outputs) * n_pos * d_head))

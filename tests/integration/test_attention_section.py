@@ -267,12 +267,15 @@ def test_an_empty_readout_gives_a_zero_gram(plain_model, tokens):
     assert torch.equal(gram.second_moment(), torch.zeros(8, 8, dtype=torch.float64))
 
 
-def test_masked_inputs_give_no_rows(plain_model, tokens, monkeypatch):
-    """Causal attention: an output never reads a later input, whose rows are exact zeros and
-    are left out of the Gram's product (half of them), with the same Gram."""
-    source, target = attention_section_sites(plain_model, 0, residual=True)
+@requires_hooked
+def test_masked_inputs_give_no_rows(tokens, monkeypatch):
+    """Rotary attention keeps one row per probe: an output never reads a later input (causal
+    mask), whose rows are exact zeros and are left out of the product, with the same Gram."""
+    config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
+    model = perturbed(tl_model(torch.float64, **config))
+    source, target = attention_section_sites(model, 0, residual=True)
     site, out = dh.Site(source), dh.Site(target)
-    section = attention_section(plain_model, 0, residual=True)
+    section = attention_section(model, 0, residual=True)
     seen = []
     update = dh.SecondMoment.update
 
@@ -281,9 +284,49 @@ def test_masked_inputs_give_no_rows(plain_model, tokens, monkeypatch):
         return update(self, x, *args, **kw)
 
     monkeypatch.setattr(dh.SecondMoment, "update", counting)
-    closed = section.gram_pass(plain_model, [tokens], site, out, readout(), progress=False)
+    closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
     n_pos = tokens.shape[1]
     assert sum(seen) == tokens.shape[0] * n_pos * (n_pos + 1) // 2 * 3  # (p, j <= p) x r
     monkeypatch.setattr(dh.SecondMoment, "update", update)
-    exact = exact_gram(plain_model, tokens, site, out, readout())
+    exact = exact_gram(model, tokens, site, out, readout())
     torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
+
+
+@pytest.mark.parametrize("norm", [None, "LN", "RMS"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "weights"),
+    [
+        ([0, 1, 2, 3, 4], [0, 2, 4], [1.0, 2.0, 1.0]),
+        ([1, 1, 3], [1, 3], [3.0, 1.0]),
+        ([4], [0], [1.0]),
+    ],
+)
+def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weights):
+    """The factorised Gram (``_attention_gram``) equals the Gram of the rows, an algebraic
+    identity that holds for any q, k, v and pattern: random ones, masked entries included."""
+    from dataclasses import replace
+
+    from degen_hooks.transformer_lens._attention_gram import lowrank_gram
+
+    gen = torch.Generator().manual_seed(7)
+    base = attention_section(build_hooked_or_bridge(), 0, residual=residual)
+    section = replace(base, norm=norm)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    b, n_pos, h, e = 3, 5, 2, 4
+    q, k, v = rand(b, n_pos, h, e), rand(b, n_pos, h, e), rand(b, n_pos, h, e)
+    pattern = torch.softmax(rand(b, h, n_pos, n_pos), -1) * (rand(b, h, n_pos, n_pos) > -0.5)
+    x, read = rand(b, n_pos, 8), rand(8, 3)
+    args = (q, k, v, pattern, read, torch.tensor(inputs), torch.tensor(outputs),
+            torch.tensor(weights, dtype=torch.float64))  # fmt: skip
+    rows = section.jacobian_rows(*args, x=x).reshape(-1, 8)
+    torch.testing.assert_close(
+        lowrank_gram(section, *args, x=x), rows.T @ rows, rtol=1e-10, atol=1e-12
+    )
+
+
+def build_hooked_or_bridge():
+    return tl_model(torch.float64, **{**toy_config(), "n_layers": 1})

@@ -17,7 +17,9 @@ one forward pass, so masks, biases, ALiBi and shortformer position embeddings (c
 ``x``) need no special case. Read out through ``R``, every (output position, feature) pair
 gives one row ``R^T (dy_p/dx_j)^T`` per input sample (as exact probes do), and the rows'
 Gram is one matrix product: the Gram batched exact probes produce, at a fraction of the
-cost (one forward pass instead of one backward pass per probe).
+cost (one forward pass instead of one backward pass per probe). Without rotary embeddings
+the Gram is taken from its pieces instead (``_attention_gram``: the rows of every (output,
+input) pair are never formed, only those where the input is the output).
 
 A LayerNorm or RMSNorm before attention multiplies every attention term by its Jacobian
 ``D_j = (P - n_j^T n_j / d) / sigma_j`` (``n_j`` the normalized input, ``P`` the centring

@@ -43,7 +43,7 @@ there.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +51,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._edge_kernel import edge_kernel
 from ._errors import ShapeMismatchError
 from ._hooks import SiteHook
+from ._normed_edges import NormedEdges
 from .accumulators import SecondMoment
 from .closed_form import activation_derivative
 from .sites import Site, resolve_sites
@@ -85,7 +85,7 @@ class _Done(Exception):  # noqa: N818 - control flow, never escapes gram_pass
 
 
 @dataclass(frozen=True, eq=False)
-class NormedMLPSection:
+class NormedMLPSection(NormedEdges):
     """A LayerNorm/RMSNorm (or none) then an MLP (plain or gated), optionally residual.
 
     Attributes:
@@ -247,109 +247,6 @@ class NormedMLPSection:
                     )
                 moments.update(captured[0])
         return SecondMoment.from_matrix(moments.gram(), moments.n)
-
-    # -- interaction-graph edges (#19) -------------------------------------------------------
-    def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
-        """What :meth:`edge_batch` reads in the graph's forward pass: the section's input."""
-        return {"x": site}
-
-    def edge_batch(
-        self,
-        reads: dict[str, torch.Tensor],
-        src: Any,
-        dst: Any,
-        alphas: Sequence[float],
-        weights: Sequence[float],
-        *,
-        signs: Callable[[tuple[int, ...], torch.device], torch.Tensor] | None = None,
-        elements: int | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """Interaction-graph edges of one batch (lib_math §7.1) from its input alone.
-
-        In feature coordinates (input ``x = f C_pinv + mu``, output features ``y R``) a
-        row's Jacobian is ``R^T J(x) C_pinv^T = (1/s) [B diag(a) A - B (a * v) (C_pinv
-        N)^T / d] (+ R^T C_pinv^T)`` with ``B = R^T W_out'`` and ``A = W_in C C_pinv^T``
-        (module docstring): the products of an MLP section with slopes ``a/s``, plus one
-        rank-one term per integration point. Integrated gradients rebuild the input at each
-        ``alpha_k f C_pinv + mu`` and sum the weighted Jacobians before squaring.
-
-        Args:
-            reads: ``{"x": the section input's activation}`` (:meth:`edge_reads`).
-            src: The input node layer (``features``, ``select``, ``pinv``, ``mean``).
-            dst: The output node layer (``rotation``: the read-out ``R``, or ``None``).
-            alphas: Integration points ``alpha_k``.
-            weights: Integration weights ``w_k``.
-            signs: ``signs(shape, device)`` draws the stochastic sources ``(n_sources,
-                batch, n_pos, 1)``; ``None`` for exact edges.
-            elements: Most elements of a chunk's temporaries.
-
-        Returns:
-            ``(E, n_rows)``: ``E`` ``(r_next, r)`` summed over the batch's rows.
-        """
-        from .closed_form import EDGE_ELEMENTS
-
-        f64 = torch.float64
-        act = reads["x"]
-        features = src.features(act)  # (n, K, r)
-        n, n_pos, r = features.shape
-        device = features.device
-        readout = None if dst.rotation is None else dst.rotation.to(device)
-        moments = _Moments(self, readout, accumulate=False)
-        w_in = moments.w_in.to(device)
-        readin = None if src.pinv is None else src.pinv.detach().to(device, f64)  # (r, d)
-        shift = None if src.mean is None else src.mean.detach().to(device, f64)
-        # B^T, (d_hidden, r_next): b_out None is the identity (the hidden layer is read raw).
-        b_out = moments.b_out
-        b_out = torch.eye(w_in.shape[0], dtype=f64, device=device) if b_out is None else b_out.T
-        b_hidden = b_out  # (d_hidden, r_next), for the rank-one terms
-        a_in = moments.p if readin is None else moments.p @ readin.T  # (d_hidden, r)
-        w = torch.as_tensor(list(weights), dtype=f64, device=device)
-        skip = None
-        if self.residual:
-            read = moments.readout
-            read = torch.eye(moments.d, dtype=f64, device=device) if read is None else read
-            skip = w.sum() * (read if readin is None else readin @ read)  # (r, r_next)
-        linear = self.is_linear
-        if linear:  # a constant B A: one row slope per sample, on r hidden "units"
-            b_out, a_in = (b_out.T @ a_in).T, torch.eye(r, dtype=f64, device=device)
-        d = moments.d
-
-        def slopes(part: slice) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-            f = features[part].reshape(-1, r)
-            slope = torch.zeros(f.shape[0], a_in.shape[0], dtype=f64, device=device)
-            betas, gammas = [], []
-            for alpha, weight in zip(alphas, w, strict=True):
-                x = alpha * f if readin is None else (alpha * f) @ readin
-                x = x if shift is None else x + shift
-                normed, scale = self.normed(x)
-                if linear:
-                    slope += weight / scale
-                    if self.norm is None:
-                        continue
-                    av = normed @ w_in.T  # a = 1
-                else:
-                    v = normed @ w_in.T
-                    a = self.slopes(v if moments.bias is None else v + moments.bias)
-                    slope += weight * a / scale
-                    if self.norm is None:
-                        continue
-                    av = a * v
-                betas.append(weight / scale * (av @ b_hidden))  # B (a * v) w_k / s_k
-                gammas.append((normed if readin is None else normed @ readin.T) / d)
-            low_rank = (torch.stack(betas), torch.stack(gammas)) if betas else None
-            return slope, low_rank
-
-        drawn = None if signs is None else signs((n, n_pos, 1), device)
-        edges = edge_kernel(
-            features,
-            a_in.T,
-            b_out,
-            slopes,
-            skip,
-            drawn,
-            EDGE_ELEMENTS if elements is None else elements,
-        )
-        return edges.T, n * n_pos
 
     # -- per-row quantities -----------------------------------------------------------------
     def normed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

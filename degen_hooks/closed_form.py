@@ -222,13 +222,10 @@ class MLPSection:
         if self.is_linear:
             return self._linear_gram(readout)
         if derivs is None:
-            if not self.is_linear:
-                raise ValueError(
-                    f"A {self.activation!r} section needs the derivative moments (derivs=); "
-                    "collect them with dh.collect(..., derivatives={pre_site: activation})."
-                )
-            ones = torch.ones(self.d_mlp, dtype=torch.float64, device=self.w_in.device)
-            derivs = Covariance().update(ones[None, :])  # sigma' = 1 on every sample
+            raise ValueError(
+                f"A {self.activation!r} section needs the derivative moments (derivs=); "
+                "collect them with dh.collect(..., derivatives={pre_site: activation})."
+            )
         if derivs.d != self.d_mlp:
             raise ShapeMismatchError(
                 f"Derivative statistics have width {derivs.d}, but the section's hidden "

@@ -166,3 +166,15 @@ def test_the_model_is_bitwise_unchanged_even_with_a_module_used_twice(parallel):
 def test_parallel_setting_is_checked():
     with pytest.raises(ValueError, match="parallel must be True"):
         estimate_llc(tanh_mlp(), batches(), parallel=-1, progress=False)
+
+
+@pytest.mark.parametrize("size", [1, 7, 16, 40])
+def test_noise_drawn_in_place_equals_randn(size):
+    """The stacked chains draw with ``view.normal_(generator=g)``: the values (and the
+    generator's state after) of ``torch.randn(shape, generator=g)``, small and large sizes."""
+    first, second = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    buffer = torch.empty(2, size, dtype=torch.float64)
+    for _ in range(3):
+        buffer[1].normal_(generator=first)
+        expected = torch.randn(size, generator=second, dtype=torch.float64)
+        assert torch.equal(buffer[1], expected)

@@ -8,7 +8,7 @@ MLP section's edges take (slopes ``a/s``) plus one rank-one term per integration
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,6 +20,8 @@ __all__ = ["NormedEdges"]
 
 class NormedEdges:
     """The edge methods of :class:`~degen_hooks.NormedMLPSection`."""
+
+    positionwise: ClassVar[bool] = True  # graph pairs need the same positions on both sides
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
         """What :meth:`edge_batch` reads in the graph's forward pass: the section's input."""

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ._hooks import SiteHook
-from .closed_form import MLPSection
 from .jacobians import Probe, count_probe_vectors
+from .section import shares_pass
 from .sites import Site, resolve_sites
 
 __all__ = [
@@ -400,7 +400,7 @@ MODEL_OUTPUT = "(model output)"
 def cost_plan(
     data: Iterable[Any],
     site_objs: list[Site],
-    sections: Mapping[str, tuple[Any, Any]],
+    sections: Mapping[str, Any],
     target: Site,
     output_positions: Any,
     variant: str,
@@ -412,8 +412,7 @@ def cost_plan(
 ) -> BuildPlan:
     """Every pass of ``build_bases``, costed from one profiled batch."""
     closed = {
-        key: "moments" if isinstance(section, MLPSection) else "forward"
-        for key, (section, _) in sections.items()
+        key: "moments" if shares_pass(section) else "forward" for key, section in sections.items()
     }
     return plan_passes(
         profile,

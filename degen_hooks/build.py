@@ -34,16 +34,16 @@ from ._family import family_hook
 from ._plan import MODEL_OUTPUT, BuildPlan, Profiling, announce, cost_plan
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
-from .closed_form import MLPSection, find_mlp_sections
+from .closed_form import find_mlp_sections
 from .collect import collect
 from .distributed import _guard_ranks, all_reduce_
+from .section import bound, is_section, shares_pass
 from .sites import Site, _unwrap
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["build_bases"]
 
 _VARIANTS = ("lib", "global", "pca", "neuron")
-_DERIVS = "#derivs"  # suffix of the internal sites that collect a section's derivative moments
 _Combined = TypeVar("_Combined", Statistics, SecondMoment)
 
 
@@ -205,15 +205,21 @@ def build_bases(
         raise ShapeMismatchError(
             f"sections= names {unknown}, which are not among the sites {keys}."
         )
-    odd = {k: type(v[0]).__name__ for k, v in sections.items() if not _is_section(v[0])}
+    odd = {
+        k: type(v[0] if isinstance(v, tuple) and v else v).__name__
+        for k, v in sections.items()
+        if not _is_pair(v)
+    }
     if odd:
         raise TypeError(
-            f"sections= values must be (section, pre_activation_site) pairs whose section is an "
-            f"MLPSection or has a gram_pass method (an AttentionSection), got {odd}."
+            f"sections= values must be (section, pre_activation_site) pairs whose section has "
+            f"the section interface (degen_hooks.section: an MLPSection, a NormedMLPSection, "
+            f"an AttentionSection), got {odd}."
         )
+    sections = bound(sections)  # {site: section}, MLPSections with their pre sites
     # Refuse what would fail only after the first (perhaps long) pass.
     backward_keys = _backward_keys(variant, site_objs, sections)
-    n_closed = sum(isinstance(section, MLPSection) for section, _ in sections.values())
+    n_closed = sum(shares_pass(section) for section in sections.values())
     n_passes = {"lib": 1 + len(site_objs) - n_closed, "global": 2}.get(variant, 1)
     if n_passes > 1:  # pca / neuron (and all-closed-form lib): one pass, any iterable
         require_reiterable(data, caller="build_bases", n_passes=n_passes)
@@ -225,7 +231,7 @@ def build_bases(
             "activation pass already runs without gradients)."
         )
     if mask is not None:
-        passes = [k for k, (section, _) in sections.items() if not isinstance(section, MLPSection)]
+        passes = [k for k, section in sections.items() if not shares_pass(section)]
         if passes:
             raise ValueError(
                 f"build_bases(mask=...) with the closed-form sections of {passes}: their "
@@ -265,19 +271,16 @@ def build_bases(
         return stats
 
     # Pass 1: activation statistics of every site (and the output, and MLP derivatives).
-    derivative_sites = {
-        f"{key}{_DERIVS}": Site(
-            _as_site(pre).name,
-            positions=_site_of(site_objs, key).positions,
-            label=f"{key}{_DERIVS}",
-        )
-        for key, (section, pre) in sections.items()
-        if isinstance(section, MLPSection) and not section.is_linear  # linear: needs no data
+    shared = {
+        key: section.shared_site(_site_of(site_objs, key))
+        for key, section in sections.items()
+        if shares_pass(section)
     }
+    derivative_sites = {found[0].key: found[0] for found in shared.values() if found}
+    derivatives = {found[0].key: found[1] for found in shared.values() if found}
     pass_sites = list(site_objs) + list(derivative_sites.values())
     if rotate_output and out_site is not None:
         pass_sites.append(out_site)
-    derivatives = {k: sections[k[: -len(_DERIVS)]][0].activation for k in derivative_sites}
     started = time.perf_counter()
     with collect(model, pass_sites, derivatives=derivatives) as run:
         # The first batch is profiled on the way: the plan costs the passes to come.
@@ -288,7 +291,7 @@ def build_bases(
     # another variant on basis.stats_ must give the same sites, not one per section too.
     everything = combined(run.stats)
     stats = _subset(everything, {key: key for key in keys})
-    section_stats = _subset(everything, {k[: -len(_DERIVS)]: k for k in derivative_sites})
+    section_stats = _subset(everything, {k: found[0].key for k, found in shared.items() if found})
     output_stats = everything[out_site.key] if rotate_output and out_site is not None else None
     _check_saw_samples(stats, keys)
     timings["activations"] = time.perf_counter() - started
@@ -338,18 +341,15 @@ def build_bases(
             readout = basis.rotations_[nxt.key]
         label = f"jacobians {site.key}"
         started = time.perf_counter()
-        if site.key in sections and isinstance(sections[site.key][0], MLPSection):
-            section = sections[site.key][0]
-            derivs = None if section.is_linear else section_stats[site.key].derivs
-            gram = section.jacobian_gram(derivs, readout)
+        section = sections.get(site.key)
+        if section is not None and shares_pass(section):  # statistics from the first pass
+            gram = section.gram_from(section_stats.get(site.key), readout)
             stats[site.key].grads = SecondMoment.from_matrix(gram, stats[site.key].acts.n_samples)
             label += " (closed form)"
-        elif site.key in sections:  # a section with a forward pass of its own
+        elif section is not None:  # a section with a forward pass of its own
             # The last site's section maps it to the model output (Site("") is the root).
             target = target_kw.get("target") or Site("", positions=output_positions)
-            gram = sections[site.key][0].gram_pass(
-                model, data, site, _as_site(target), readout, **common
-            )
+            gram = section.gram_pass(model, data, site, _as_site(target), readout, **common)
             stats[site.key].grads = combined(gram)
             if gram.n_samples == 0:
                 _check_pass_saw_batches(label, stats, Statistics(), site.key, data)
@@ -387,9 +387,7 @@ def build_bases(
     return _finish(basis, stats, timings, rotation, extras)
 
 
-def _backward_keys(
-    variant: str, site_objs: list[Site], sections: Mapping[str, tuple[Any, Any]]
-) -> list[str]:
+def _backward_keys(variant: str, site_objs: list[Site], sections: Mapping[str, Any]) -> list[str]:
     """Sites whose Jacobians take backward passes (not a closed form, not a section pass)."""
     if variant == "global":
         return [s.key for s in site_objs]
@@ -462,8 +460,8 @@ def _no_gradient_error(model: nn.Module, run: Any) -> GradientError | None:
     )
 
 
-def _is_section(section: Any) -> bool:
-    return isinstance(section, MLPSection) or callable(getattr(section, "gram_pass", None))
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and is_section(value[0])
 
 
 def _auto_sections(

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._edge_kernel import edge_kernel
 from ._errors import ShapeMismatchError
+from ._mlp_section_passes import MLPPasses
 from .accumulators import Covariance
 from .sites import Site
 
@@ -128,7 +129,7 @@ def activation_derivative(
 
 
 @dataclass
-class MLPSection:
+class MLPSection(MLPPasses):
     """A ``Linear -> elementwise activation -> Linear`` section, optionally residual.
 
     Weights use the ``nn.Linear`` layout: ``w_in`` is ``(d_mlp, d_in)``, ``w_out`` is
@@ -139,6 +140,9 @@ class MLPSection:
         w_out: Output weight, shape ``(d_out, d_mlp)``.
         activation: Name of the activation (see :func:`activation_derivative`).
         residual: ``True`` for ``y = x + MLP(x)`` (needs ``d_out == d_in``).
+        pre: Where the pre-activations are read (a site name or :class:`Site`), for the
+            section interface (:mod:`degen_hooks.section`; ``build_bases(sections=)`` sets
+            it from its ``(section, pre_site)`` pairs); unused by a linear section.
 
     Examples:
         The closed form equals the Gram of exact backward probes:
@@ -164,6 +168,7 @@ class MLPSection:
     w_out: torch.Tensor
     activation: str = "relu"
     residual: bool = False
+    pre: str | Site | None = None
 
     def __post_init__(self) -> None:
         if self.w_in.shape[0] != self.w_out.shape[1]:

@@ -4,13 +4,12 @@ Private helpers of :class:`~degen_hooks.graph.InteractionGraph`. A layer pair wh
 has a closed-form Jacobian (lib_math §12: the same sections ``build_bases`` uses, found the
 same way) gets its edges (lib_math §7.1) from forward quantities:
 
-* an :class:`~degen_hooks.MLPSection` (``Linear -> activation -> Linear``, residual or not,
-  linear ones such as an unembedding included) from its input and pre-activations, read in
-  one forward pass per batch shared by every such pair (:meth:`MLPSection.edge_sums`);
-* a section with ``edge_reads`` and ``edge_batch`` methods (a TransformerLens attention
-  layer, :meth:`~degen_hooks.transformer_lens.AttentionSection.edge_batch`) from what it
-  reads in the same forward pass (its input, q, k, v and pattern): integration points move
-  the section to the rewritten input without running the model again.
+every section through the one interface of :mod:`degen_hooks.section`: ``edge_reads`` names
+what one forward pass per batch, shared by every pair, must read (an MLP section its input
+and pre-activations, a normed MLP its input, a TransformerLens attention layer its input,
+q, k, v and pattern), and ``edge_batch`` turns those reads into the batch's edges;
+integration points move the section to the rewritten input without running the model again.
+A position-wise section (``positionwise``) pairs layers read at the same positions only.
 
 Every other pair keeps the backward passes. The numbers are the backward path's: the same
 features, the same rebuilt inputs ``alpha f C_pinv + mu``, and the same random signs drawn
@@ -29,7 +28,7 @@ from torch import nn
 
 from .._errors import GradientError, ShapeMismatchError
 from .._hooks import SiteHook
-from ..closed_form import MLPSection
+from ..section import bind
 from ..sites import Site, resolve_sites
 from ._layers import NodeLayer, output_tensor, run_section
 
@@ -43,21 +42,17 @@ class ClosedPair:
 
     Attributes:
         index: The pair's index in the graph.
-        section: An :class:`~degen_hooks.MLPSection`, or a section with ``edge_batch``.
-        pre: Where an MLP section's pre-activations are read (at the input's positions);
-            ``None`` for a linear section or an ``edge_batch`` section.
+        section: A section (:mod:`degen_hooks.section`): ``edge_reads``, ``edge_batch``.
     """
 
     index: int
     section: Any
-    pre: Site | None
 
 
 def has_edges(section: Any) -> bool:
     """Whether closed-form edges exist for ``section``."""
-    return isinstance(section, MLPSection) or (
-        callable(getattr(section, "edge_reads", None))
-        and callable(getattr(section, "edge_batch", None))
+    return callable(getattr(section, "edge_reads", None)) and callable(
+        getattr(section, "edge_batch", None)
     )
 
 
@@ -130,23 +125,21 @@ def find_closed_pairs(
                 f"sections= values must be (section, pre_activation_site) pairs, got "
                 f"{type(value).__name__} for {key!r}."
             )
-        section, pre = value
+        section = bind(*value)
         index = starts[key]
         src, dst = layers[index], layers[index + 1]
-        if isinstance(section, MLPSection):
-            # The section acts position by position: same positions on both sides, and a
-            # pre-activation site unless it is linear.
-            if not _same_positions(src.positions, dst.positions):
-                continue
-            if pre is None and not section.is_linear:
-                continue
-            pre_site = None
-            if not section.is_linear:
-                name = pre.name if isinstance(pre, Site) else str(pre)
-                pre_site = Site(name, positions=src.positions, label=f"{key}#pre")
-            closed[index] = ClosedPair(index, section, pre_site)
-        elif has_edges(section):
-            closed[index] = ClosedPair(index, section, None)
+        if not has_edges(section):
+            continue
+        # A position-wise section (an MLP) needs the same positions on both sides.
+        if getattr(section, "positionwise", False) and not _same_positions(
+            src.positions, dst.positions
+        ):
+            continue
+        try:  # a section missing what it reads (an MLP without its pre site) has none
+            section.edge_reads(src.site, dst.site)
+        except ValueError:
+            continue
+        closed[index] = ClosedPair(index, section)
     return closed
 
 
@@ -181,15 +174,9 @@ class ReadPass:
             src = layers[index]
             assert src.site is not None  # only the last layer can be the model output
             last = index + 1
-            if not isinstance(pair.section, MLPSection):
-                target = layers[index + 1].site
-                for role, site in pair.section.edge_reads(src.site, target).items():
-                    reads[f"{index}:{role}"] = (site, _whole)
-                continue
-            reads[f"{index}:src"] = (src.site, src.select)
-            if pair.pre is not None:
-                pre = NodeLayer(pair.pre.key, pair.pre, src.positions, None, None, None)
-                reads[f"{index}:pre"] = (pair.pre, pre.select)
+            target = layers[index + 1].site
+            for role, site in pair.section.edge_reads(src.site, target).items():
+                reads[f"{index}:{role}"] = (site, _whole)
         self.reads = reads
         self.resolved = {key: resolve_sites(model, [site])[0] for key, (site, _) in reads.items()}
         self.out_layer = out_layer
@@ -278,24 +265,6 @@ def pair_edges(
 
     ``signs(shape, device)`` draws the stochastic sources (``None``: exact edges).
     """
-    section = pair.section
-    if not isinstance(section, MLPSection):
-        prefix = f"{pair.index}:"
-        reads = {key[len(prefix) :]: t for key, t in captured.items() if key.startswith(prefix)}
-        return section.edge_batch(reads, src, dst, alphas, weights, signs=signs)
-    x = captured[f"{pair.index}:src"]
-    features = src.to_features(x)
-    n, n_pos = features.shape[:2]
-    drawn = None if signs is None else signs((n, n_pos, 1), features.device)
-    edges = section.edge_sums(
-        features,
-        src.pinv,
-        dst.rotation,
-        inputs=x,
-        pre=captured.get(f"{pair.index}:pre"),
-        mean=src.mean,
-        alphas=[float(a) for a in alphas],
-        weights=[float(w) for w in weights],
-        signs=drawn,
-    )
-    return edges, n * n_pos
+    prefix = f"{pair.index}:"
+    reads = {key[len(prefix) :]: t for key, t in captured.items() if key.startswith(prefix)}
+    return pair.section.edge_batch(reads, src, dst, alphas, weights, signs=signs)

@@ -294,7 +294,7 @@ def test_errors_teach():
         dh.build_bases(model, ["1"], [x], variant="ica")
     with pytest.raises(dh.ShapeMismatchError, match=r"names \['2'\], which are not among"):
         dh.build_bases(model, ["1"], [x], sections={"2": (None, None)})
-    with pytest.raises(TypeError, match=r"MLPSection or has a gram_pass.*\{'1': 'str'\}"):
+    with pytest.raises(TypeError, match=r"section interface.*\{'1': 'str'\}"):
         dh.build_bases(model, ["1"], [x], sections={"1": ("relu", None)})
 
 

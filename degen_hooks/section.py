@@ -33,7 +33,7 @@ from torch import nn
 from .accumulators import SecondMoment
 from .sites import Site
 
-__all__ = ["Section", "bind", "is_section", "shares_pass"]
+__all__ = ["Section", "bind", "bound", "is_section", "shares_pass"]
 
 
 @runtime_checkable

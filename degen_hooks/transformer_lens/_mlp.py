@@ -88,11 +88,13 @@ def mlp_section_sites(
 
     * ``residual=False``: the MLP alone, from its input to ``blocks.L.hook_mlp_out``. The
       input is ``blocks.L.ln2.hook_normalized`` when a LayerNorm/RMSNorm precedes the MLP
-      (the closed form cannot cross the norm, whose Jacobian depends on the input's
-      scale), else ``blocks.L.hook_resid_mid`` (equal to ``hook_mlp_in``, which only fires
+      (this section's moments cannot cross the norm, whose Jacobian depends on the
+      input's scale; :func:`block_mlp_section` does, with a forward pass of its own), else
+      ``blocks.L.hook_resid_mid`` (equal to ``hook_mlp_in``, which only fires
       after ``set_use_hook_mlp_in(True)``).
     * ``residual=True``: ``blocks.L.hook_resid_mid -> blocks.L.hook_resid_post``, i.e.
-      ``y = x + MLP(x)``; only for models without normalization before the MLP.
+      ``y = x + MLP(x)``; only for models without normalization before the MLP (with one:
+      :func:`block_mlp_section`).
 
     Args:
         model: A TransformerLens model.
@@ -116,10 +118,11 @@ def mlp_section_sites(
     if residual:
         if has_norm:
             raise ValueError(
-                f"A residual MLP section has no closed form with normalization_type="
-                f"{cfg.normalization_type!r}: the norm before the MLP makes the Jacobian "
-                "depend on the input's scale. Use residual=False (input "
-                f"'{block}.ln2.hook_normalized') or exact probes."
+                f"mlp_section's moments do not cross the norm before the MLP "
+                f"(normalization_type={cfg.normalization_type!r}): its Jacobian depends on the "
+                "input's scale. Use block_mlp_section(model, layer, output='hook_resid_post') "
+                "(what sections='auto' picks), or residual=False (input "
+                f"'{block}.ln2.hook_normalized')."
             )
         return f"{block}.hook_resid_mid", f"{block}.mlp.hook_pre", f"{block}.hook_resid_post"
     source = f"{block}.ln2.hook_normalized" if has_norm else f"{block}.hook_resid_mid"

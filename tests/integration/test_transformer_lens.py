@@ -101,7 +101,7 @@ def test_hook_mlp_in_listed_once_enabled(build, tokens):
 @pytest.mark.parametrize("layer", [0, 1])
 def test_closed_form_matches_exact_probes(model, tokens, residual, layer):
     if residual and model.cfg.normalization_type is not None:
-        with pytest.raises(ValueError, match="residual MLP section has no closed form"):
+        with pytest.raises(ValueError, match="block_mlp_section"):
             mlp_section_sites(model, layer, residual=True)
         return
     source, pre, target = mlp_section_sites(model, layer, residual=residual)

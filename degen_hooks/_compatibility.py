@@ -42,17 +42,6 @@ def describe_readout(readout: torch.Tensor | None) -> dict[str, Any] | None:
     return {"shape": list(values.shape), "sha256": digest}
 
 
-def describe_positions(positions: Any) -> Any:
-    """``target_positions`` as JSON (slices and tensors spelled out)."""
-    if positions is None or isinstance(positions, (int, str)):
-        return positions
-    if isinstance(positions, slice):
-        return f"slice({positions.start}, {positions.stop}, {positions.step})"
-    if isinstance(positions, torch.Tensor):
-        return positions.tolist()
-    return list(positions)
-
-
 def provenance(stats: Any) -> dict[str, Any]:
     """The settings of ``stats`` (a :class:`~degen_hooks.Statistics`) that must agree to combine.
 

@@ -9,7 +9,7 @@ so reads and writes agree on the cells.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -18,6 +18,23 @@ from ._errors import ShapeMismatchError
 __all__ = ["Positions", "position_cells", "select_positions"]
 
 Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
+
+
+def describe_positions(positions: Any) -> Any:
+    """Positions as JSON (slices and tensors spelled out): how sites and targets save them."""
+    if positions is None or isinstance(positions, (int, str)):
+        return positions
+    if isinstance(positions, slice):
+        return f"slice({positions.start}, {positions.stop}, {positions.step})"
+    if isinstance(positions, torch.Tensor):
+        return positions.tolist()
+    return list(positions)
+
+
+def same_positions(a: Any, b: Any) -> bool:
+    """Whether two position selections read the same positions (``[1, 2]`` and
+    ``torch.tensor([1, 2])`` do), compared as :func:`describe_positions` writes them."""
+    return describe_positions(a) == describe_positions(b)
 
 
 def select_positions(

@@ -26,11 +26,12 @@ from torch.autograd.graph import get_gradient_edge
 from ._accumulator import unusable_rows
 from ._backward import JacobianPass
 from ._batch_boundaries import batch_boundaries, inside_call_of, model_class, why_no_grad
-from ._compatibility import check_compatible, describe_positions, describe_readout, provenance
+from ._compatibility import check_compatible, describe_readout, provenance
 from ._errors import DegenHooksError, ShapeMismatchError, SiteNotFiredError
 from ._family import family_hook
 from ._hooks import SiteHook
 from ._journal import Journal
+from ._positions import describe_positions
 from .accumulators import CoFiring, Covariance, SecondMoment
 from .closed_form import activation_derivative
 from .jacobians import Probe

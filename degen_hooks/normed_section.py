@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from ._errors import ShapeMismatchError
 from ._hooks import SiteHook
 from ._normed_edges import NormedEdges
+from ._positions import same_positions
 from .accumulators import SecondMoment
 from .closed_form import activation_derivative
 from .sites import Site, resolve_sites
@@ -217,8 +218,7 @@ class NormedMLPSection(NormedEdges):
         """
         from tqdm.auto import tqdm
 
-        same = site.to_info().get("positions") == target.to_info().get("positions")
-        if not same:
+        if not same_positions(site.positions, target.positions):
             raise ShapeMismatchError(
                 f"The section acts position by position, but {site.key!r} and {target.key!r} "
                 "read different positions: give both sites the same positions."

@@ -23,7 +23,7 @@ from torch import nn
 from ._checks import closest
 from ._errors import ShapeMismatchError, SiteNotFoundError, UnsupportedDtypeError
 from ._family import family_hook
-from ._positions import Positions, position_cells, select_positions
+from ._positions import Positions, describe_positions, position_cells, select_positions
 
 __all__ = [
     "Positions",
@@ -125,13 +125,7 @@ class Site:
 
     def to_info(self) -> dict[str, Any]:
         """A JSON-able description (name, io, positions, label, ...); see :meth:`from_info`."""
-        positions = self.positions
-        if isinstance(positions, slice):
-            positions = f"slice({positions.start}, {positions.stop}, {positions.step})"
-        elif isinstance(positions, torch.Tensor):
-            positions = positions.tolist()
-        elif positions is not None and not isinstance(positions, (int, str)):
-            positions = list(positions)
+        positions = describe_positions(self.positions)
         info = {"name": self.name, "io": self.io, "positions": positions, "label": self.label}
         # Only what differs from the defaults: older saves read the same.
         info.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._positions import same_positions
 from ..closed_form import MLPSection, activation_derivative
 from ..normed_section import NormedMLPSection
 from ..sites import Site, _unwrap
@@ -109,11 +110,11 @@ def _section(
     if target is None:
         if kind != "resid_post" or index != len(layers) - 1:
             return None
-        if not _same_positions(site.positions, output_positions):
+        if not same_positions(site.positions, output_positions):
             return None
         return _unembed(model, model_type)
     to = _role(target, layers, layout)
-    if to is None or to[0] != index or not _same_positions(site.positions, target.positions):
+    if to is None or to[0] != index or not same_positions(site.positions, target.positions):
         return None
     layer = model.get_submodule(layers[index])
     if (kind, to[1]) == ("resid_mid", "resid_post"):
@@ -124,13 +125,6 @@ def _section(
         w_out = _projection(layer.get_submodule(layout.down))[0]
         return MLPSection(torch.eye(w_out.shape[1], dtype=F64), w_out, "identity")
     return None
-
-
-def _same_positions(a: Any, b: Any) -> bool:
-    return (
-        Site("a", positions=a).to_info()["positions"]
-        == Site("b", positions=b).to_info()["positions"]
-    )
 
 
 def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from .._errors import GradientError, ShapeMismatchError
 from .._hooks import SiteHook
+from .._positions import same_positions
 from ..section import bind
 from ..sites import Site, resolve_sites
 from ._layers import NodeLayer, output_tensor, run_section
@@ -62,13 +63,6 @@ class _Done(Exception):  # noqa: N818 - control flow, never escapes ReadPass
 
 def _whole(act: torch.Tensor) -> torch.Tensor:
     return act
-
-
-def _same_positions(a: Any, b: Any) -> bool:
-    return (
-        Site("a", positions=a).to_info()["positions"]
-        == Site("b", positions=b).to_info()["positions"]
-    )
 
 
 def find_closed_pairs(
@@ -131,7 +125,7 @@ def find_closed_pairs(
         if not has_edges(section):
             continue
         # A position-wise section (an MLP) needs the same positions on both sides.
-        if getattr(section, "positionwise", False) and not _same_positions(
+        if getattr(section, "positionwise", False) and not same_positions(
             src.positions, dst.positions
         ):
             continue

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .._positions import same_positions
 from ..sites import Site, _unwrap
 from ._attention import attention_section, attention_section_sites, unprefixed
 from ._blocks import block_mlp_section, mlp_output_section, unembed_section
@@ -69,13 +70,6 @@ def find_sections(
     return found
 
 
-def _same_positions(a: Any, b: Any) -> bool:
-    return (
-        Site("a", positions=a).to_info()["positions"]
-        == Site("b", positions=b).to_info()["positions"]
-    )
-
-
 def _section_between(
     model: nn.Module,
     cfg: Any,
@@ -93,7 +87,7 @@ def _section_between(
     layer, role = int(match.group(1)), match.group(2)
     if target is None:  # the model output: the unembedding after the last block
         last = role == "hook_resid_post" and layer == int(cfg.n_layers) - 1
-        if not last or not _same_positions(site.positions, output_positions):
+        if not last or not same_positions(site.positions, output_positions):
             return None
         return unembed_section(model), None
     target_name = unprefixed(target, prefix)
@@ -106,7 +100,7 @@ def _section_between(
             if (name, target_name) != attention_section_sites(model, layer):
                 return None
             return attention_section(model, layer), None
-        if not _same_positions(site.positions, target.positions):
+        if not same_positions(site.positions, target.positions):
             return None
         if role == "hook_resid_mid" and target_role == "hook_resid_post":
             plain = getattr(cfg, "normalization_type", None) not in _NORMS and not getattr(

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..closed_form import MLPSection, activation_derivative
+from ..closed_form import MLPSection
 from ..normed_section import NormedMLPSection
 from ..sites import _unwrap
-from ._mlp import _check_mlp, _norm_weight, norm_gain
+from ._mlp import _check_mlp, _norm_weight, elementwise_activation, norm_gain
 from ._names import _NORMS, _cfg, _layers
 
 F64 = torch.float64
@@ -51,18 +51,6 @@ def _norm_bias(module: nn.Module, cfg: Any) -> torch.Tensor | None:
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     value = getattr(module, name, None)
     return value.detach().to(F64) if isinstance(value, torch.Tensor) else None
-
-
-def _activation(cfg: Any, index: int) -> str:
-    name = str(cfg.act_fn)
-    try:
-        activation_derivative(name)
-    except ValueError as err:
-        raise ValueError(
-            f"Block {index} uses act_fn={name!r}, which has no elementwise closed form: {err} "
-            "Collect Jacobians with jacobians='exact' instead."
-        ) from None
-    return name
 
 
 def _check_no_projection_bias(mlp: nn.Module, d_mlp: int, index: int) -> None:
@@ -100,7 +88,7 @@ def block_mlp_section(model: nn.Module, layer: int, *, output: str) -> NormedMLP
     _check_mlp(cfg, gated_ok=True)
     block = _unwrap(model)[0].blocks[index]
     mlp, gated = block.mlp, bool(getattr(cfg, "gated_mlp", False))
-    activation = _activation(cfg, index)
+    activation = elementwise_activation(cfg, index)
     w_up = mlp.W_in.detach().to(F64).T  # (d_mlp, d_model)
     if gated:
         # HookedTransformer adds b_in after the product (act(gate) * up + b_in): no bias
@@ -159,7 +147,7 @@ def mlp_output_section(model: nn.Module, layer: int, *, source: str = "hook_post
         raise ValueError(
             f"source must be 'hook_post' or, in a plain MLP, 'hook_pre'; got {source!r}."
         )
-    return MLPSection(eye, w_out, _activation(cfg, index))
+    return MLPSection(eye, w_out, elementwise_activation(cfg, index))
 
 
 def unembed_section(model: nn.Module) -> NormedMLPSection | MLPSection:

@@ -129,6 +129,19 @@ def mlp_section_sites(
     return source, f"{block}.mlp.hook_pre", f"{block}.hook_mlp_out"
 
 
+def elementwise_activation(cfg: Any, index: int) -> str:
+    """``cfg.act_fn``, checked to have an elementwise derivative (the closed forms need one)."""
+    name = str(cfg.act_fn)
+    try:
+        activation_derivative(name)
+    except ValueError as err:
+        raise ValueError(
+            f"Block {index} uses act_fn={name!r}, which has no elementwise closed form: {err} "
+            "Collect Jacobians with jacobians='exact' instead."
+        ) from None
+    return name
+
+
 def _norm_weight(model: nn.Module, index: int, cfg: Any, norm: str = "ln2") -> torch.Tensor | None:
     """The elementwise gain ``norm`` applies after ``hook_normalized`` (``None`` if none)."""
     return norm_gain(getattr(_unwrap(model)[0].blocks[index], norm), cfg)
@@ -185,14 +198,7 @@ def mlp_section(model: nn.Module, layer: int, *, residual: bool = False) -> MLPS
     mlp_section_sites(model, layer, residual=residual)  # validates the block
     (index,) = _layers(model, layer)
     cfg = _cfg(model)
-    activation = str(cfg.act_fn)
-    try:
-        activation_derivative(activation)
-    except ValueError as err:
-        raise ValueError(
-            f"Block {index} uses act_fn={activation!r}, which has no elementwise closed form: "
-            f"{err} Collect Jacobians with jacobians='exact' instead."
-        ) from None
+    activation = elementwise_activation(cfg, index)
     mlp = _unwrap(model)[0].blocks[index].mlp
     w_in = mlp.W_in.detach().to(torch.float64).T.clone()  # (d_mlp, d_model)
     w_out = mlp.W_out.detach().to(torch.float64).T.clone()  # (d_model, d_mlp)

@@ -29,6 +29,7 @@ from degen_hooks.sites import _site_modules  # TransformerLens bridges: aliases 
 
 __all__ = [
     "activations",
+    "assert_same_bases",
     "assert_spectrum_close",
     "cells",
     "covariance",
@@ -53,6 +54,16 @@ def assert_spectrum_close(
     assert error <= rtol * scale, (
         f"{what}: max difference {error:.3g} exceeds {rtol:g} x largest value {scale:.3g}"
     )
+
+
+def assert_same_bases(got: Any, want: Any) -> None:
+    """Two fitted bases agree site by site: widths equal, Lambdas within 1e-9 of the largest,
+    projectors onto the kept features within 1e-7 (invariants, never raw eigenvectors)."""
+    for key in want.sites_:
+        assert got.widths_[key] == want.widths_[key], key
+        scale = want.lambdas_[key].max()
+        torch.testing.assert_close(got.lambdas_[key], want.lambdas_[key], rtol=0, atol=1e-9 * scale)
+        torch.testing.assert_close(got.projector(key), want.projector(key), rtol=0, atol=1e-7)
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

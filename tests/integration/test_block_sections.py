@@ -22,6 +22,7 @@ from degen_hooks.transformer_lens import (
     mlp_output_section,
     unembed_section,
 )
+from tests.reference import assert_same_bases
 
 from .conftest import BUILDERS, D_VOCAB, N_CTX, perturbed, toy_config
 
@@ -200,13 +201,8 @@ def test_auto_build_equals_backward_passes(family, architecture, tokens):
     if architecture == "gpt2":
         assert len(closed) == len(sites)  # no backward pass at all
     assert "jacobians blocks.1.hook_resid_mid (closed form)" in closed
-    for key in auto.sites_:
-        assert auto.widths_[key] == probed.widths_[key]
-        scale = probed.lambdas_[key].max()
-        torch.testing.assert_close(
-            auto.lambdas_[key], probed.lambdas_[key], rtol=0, atol=1e-9 * scale
-        )
-        torch.testing.assert_close(auto.projector(key), probed.projector(key), rtol=0, atol=1e-7)
+    assert auto.sites_ == probed.sites_
+    assert_same_bases(auto, probed)
 
 
 @pytest.fixture(params=list(BUILDERS))

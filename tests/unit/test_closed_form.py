@@ -224,9 +224,10 @@ def test_jacobian_gram_is_symmetric_psd():
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("identity_in", [False, True])
 @pytest.mark.parametrize("with_readout", [False, True])
-def test_linear_sections_take_no_hidden_square(residual, identity_in, with_readout):
-    """A linear section's Gram is ``J^T Q J`` with ``J = [I +] W_out W_in``, formed without a
-    ``d_mlp x d_mlp`` product (an unembedding is ``(eye(d_model), W_U)``)."""
+def test_linear_section_gram_is_jt_q_j(residual, identity_in, with_readout):
+    """A linear section's Gram is ``J^T Q J`` with ``J = [I +] W_out W_in``, identity
+    ``W_in`` (an unembedding ``(eye(d_model), W_U)``) and residual ones included. The cost is
+    tested below."""
     gen = torch.Generator().manual_seed(0)
     d, d_mlp = 5, 5 if identity_in else 7
     w_in = torch.eye(d) if identity_in else torch.randn(d_mlp, d, generator=gen)
@@ -236,3 +237,22 @@ def test_linear_sections_take_no_hidden_square(residual, identity_in, with_reado
     jac = w_out.double() @ w_in.double() + (torch.eye(d, dtype=torch.float64) if residual else 0)
     q = torch.eye(d, dtype=torch.float64) if readout is None else readout @ readout.T
     assert_gram(section.jacobian_gram(None, readout), jac.T @ q @ jac, rtol=1e-12)
+
+
+@pytest.mark.parametrize("with_readout", [False, True])
+def test_linear_gram_takes_no_cubic_product_in_the_hidden_width(with_readout):
+    """``mlp.hook_post -> hook_resid_post`` is ``(eye(d_mlp), W_out)``: its Gram costs
+    ``O(d_mlp^2 d_out)``, not the ``2 d_mlp^3`` of ``W_in^T (K * S) W_in`` (counted FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d_mlp, d_out = 120, 4
+    gen = torch.Generator().manual_seed(1)
+    w_out = torch.randn(d_out, d_mlp, generator=gen, dtype=torch.float64)
+    section = dh.MLPSection(torch.eye(d_mlp, dtype=torch.float64), w_out, "identity")
+    readout = torch.randn(d_out, 3, generator=gen, dtype=torch.float64) if with_readout else None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        gram = section.jacobian_gram(None, readout)
+    assert counter.get_total_flops() < d_mlp**3
+    q = torch.eye(d_out, dtype=torch.float64) if readout is None else readout @ readout.T
+    assert_gram(gram, w_out.T @ q @ w_out, rtol=1e-12)

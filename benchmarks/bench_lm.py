@@ -54,6 +54,7 @@ from torch import nn  # noqa: E402
 
 import degen_hooks as dh  # noqa: E402
 from benchmarks._timing import in_fresh_process  # noqa: E402
+from benchmarks.bench_build import _capture  # noqa: E402
 
 F64 = torch.float64
 LIMIT_FRACTION = 0.25
@@ -123,20 +124,6 @@ def float64_matmul_flops(model: nn.Module, batches: Sequence[torch.Tensor]) -> f
 
 
 # -- the per-feature reference ----------------------------------------------------------------
-def _capture(model: nn.Module, names: Sequence[str]) -> tuple[dict, list]:
-    from degen_hooks.sites import resolve_sites
-
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for site, module in resolve_sites(model, list(names)):
-
-        def hook(_m: nn.Module, _a: Any, out: torch.Tensor, name: str = site.name) -> None:
-            store[name] = out
-
-        handles.append(module.register_forward_hook(hook))
-    return store, handles
-
-
 def reference_gram(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -149,7 +136,7 @@ def reference_gram(
     d)`` buffers, every position a sample and every (position, feature) a probe."""
     gram, n_rows = None, 0
     for batch in batches:
-        store, handles = _capture(model, [site] + ([target] if target else []))
+        store, handles = _capture(model, [site] + ([target] if target else []), detach=False)
         try:
             out = model(batch)
         finally:
@@ -293,7 +280,7 @@ def measure_memory(n_batches: int) -> dict[str, Any]:
     return {"n_tokens": 64 * n_batches, "peak_increase_mb": _peak_rss_mb() - before}
 
 
-def bench_memory(quick: bool) -> list[dict[str, Any]]:
+def bench_memory() -> list[dict[str, Any]]:
     small, large = 16, 64  # 1,024 and 4,096 tokens: every basis is full from the first
     code = "import json, benchmarks.bench_lm as b; print(json.dumps(b.measure_memory({})))"
     results = [in_fresh_process(code.format(n)) for n in (small, large)]
@@ -315,7 +302,8 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
 
 
 def main(quick: bool = False) -> list[dict[str, Any]]:
-    """Every row (see the module docstring); ``quick``: 1 layer, 16 tokens, 50-token vocabulary."""
+    """Every row (see the module docstring); ``quick``: 1 layer, 16 tokens, 50-token vocabulary
+    for the builds (the memory rows are the same in both)."""
     torch.set_num_threads(1)
     n_layers, n_seq, n_ctx, d_vocab = (1, 4, 4, 50) if quick else (12, 16, 8, D_VOCAB)
     gen = torch.Generator().manual_seed(0)
@@ -325,7 +313,7 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
     rows = bench_build("GPT-2-small-shaped", gpt2, batches, True)
     llama = llama_shaped(1 if quick else 4, n_ctx, d_vocab)
     rows += bench_build("Llama-shaped", llama, batches, True)
-    return rows + bench_memory(quick)
+    return rows + bench_memory()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import closed_form as _closed_form
 from ._edge_kernel import edge_kernel
 from .sites import Site
 
@@ -60,8 +61,7 @@ class NormedEdges:
         Returns:
             ``(E, n_rows)``: ``E`` ``(r_next, r)`` summed over the batch's rows.
         """
-        from .closed_form import EDGE_ELEMENTS
-        from .normed_section import _Moments
+        from .normed_section import _Moments  # the section's module imports this one
 
         f64 = torch.float64
         act = reads["x"]
@@ -122,6 +122,6 @@ class NormedEdges:
             slopes,
             skip,
             drawn,
-            EDGE_ELEMENTS if elements is None else elements,
+            _closed_form.EDGE_ELEMENTS if elements is None else elements,
         )
         return edges.T, n * n_pos

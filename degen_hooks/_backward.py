@@ -441,7 +441,7 @@ def _agree_on_passes(n_local: int, groups: list[Any]) -> int:
     """The largest ``n_local`` of all ranks of ``groups`` (one all-reduce per group)."""
     import torch.distributed as dist
 
-    from .distributed import _communication_device
+    from ._rank_guard import _communication_device
 
     count = torch.tensor([n_local], dtype=torch.int64)
     try:

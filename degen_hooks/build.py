@@ -14,6 +14,10 @@ The passes (lib_math §5):
 Statistics of earlier passes are reused, never recomputed; ``basis.stats_`` holds those of
 the sites (exactly ``basis.sites_``), ``basis.section_stats_`` what the closed forms read
 besides, and ``basis.timings_`` the seconds spent in each pass.
+
+This module holds :func:`build_bases` and the passes; its checks (resolving the sites, the
+output and ``sections=``, listing the sites that need backward passes, and the errors of a
+pass that saw nothing or that no gradient reached) live in :mod:`degen_hooks._build_checks`.
 """
 
 from __future__ import annotations
@@ -29,26 +33,34 @@ import torch
 from torch import nn
 
 from ._batches import require_reiterable
-from ._errors import EmptyStatisticsError, GradientError, ShapeMismatchError
-from ._family import family_hook
+from ._build_checks import (
+    _as_site,
+    _backward_keys,
+    _check_pass_saw_batches,
+    _check_saw_samples,
+    _no_gradient_error,
+    _output_site,
+    _resolve_sections,
+)
+
+# Defined in _build_checks; ``X as X`` keeps them importable from here.
+from ._build_checks import _auto_sections as _auto_sections
+from ._build_checks import _is_pair as _is_pair
+from ._errors import GradientError, ShapeMismatchError
 from ._plan import MODEL_OUTPUT, BuildPlan, Profiling, announce, cost_plan
+from ._rank_guard import _guard_ranks
 from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
-from .closed_form import find_mlp_sections
 from .collect import collect
-from .distributed import _guard_ranks, all_reduce_
-from .section import bound, is_section, shares_pass
-from .sites import Site, _unwrap
+from .distributed import all_reduce_
+from .section import shares_pass
+from .sites import Site
 from .statistics import SiteStatistics, Statistics
 
 __all__ = ["build_bases"]
 
 _VARIANTS = ("lib", "global", "pca", "neuron")
 _Combined = TypeVar("_Combined", Statistics, SecondMoment)
-
-
-def _as_site(site: str | Site) -> Site:
-    return site if isinstance(site, Site) else Site(site)
 
 
 @_guard_ranks
@@ -193,30 +205,7 @@ def build_bases(
         raise ValueError("build_bases needs at least one site.")
     keys = [s.key for s in site_objs]
     out_site = _output_site(output, output_positions, rotate_output)
-    if variant != "lib":
-        sections = {}
-    elif isinstance(sections, str):
-        if sections != "auto":
-            raise ValueError(f"sections must be a mapping, 'auto' or None, got {sections!r}.")
-        sections = _auto_sections(model, site_objs, out_site, output_positions)
-    sections = dict(sections or {})
-    unknown = sorted(set(sections) - set(keys))
-    if unknown:
-        raise ShapeMismatchError(
-            f"sections= names {unknown}, which are not among the sites {keys}."
-        )
-    odd = {
-        k: type(v[0] if isinstance(v, tuple) and v else v).__name__
-        for k, v in sections.items()
-        if not _is_pair(v)
-    }
-    if odd:
-        raise TypeError(
-            f"sections= values must be (section, pre_activation_site) pairs whose section has "
-            f"the section interface (degen_hooks.section: an MLPSection, a NormedMLPSection, "
-            f"an AttentionSection), got {odd}."
-        )
-    sections = bound(sections)  # {site: section}, MLPSections with their pre sites
+    sections = _resolve_sections(model, sections, variant, site_objs, out_site, output_positions)
     # Refuse what would fail only after the first (perhaps long) pass.
     backward_keys = _backward_keys(variant, site_objs, sections)
     n_closed = sum(shares_pass(section) for section in sections.values())
@@ -385,102 +374,6 @@ def build_bases(
         setattr(basis, attr, {key: table[key] for key in keys})
     rotation = None if not rotate_output else out_rotation.rotation
     return _finish(basis, stats, timings, rotation, extras)
-
-
-def _backward_keys(variant: str, site_objs: list[Site], sections: Mapping[str, Any]) -> list[str]:
-    """Sites whose Jacobians take backward passes (not a closed form, not a section pass)."""
-    if variant == "global":
-        return [s.key for s in site_objs]
-    if variant == "lib":
-        return [s.key for s in site_objs if s.key not in sections]
-    return []
-
-
-def _check_saw_samples(stats: Statistics, keys: list[str]) -> None:
-    """After the activation pass: every site must have seen samples."""
-    for key in keys:
-        if stats[key].acts.n_samples == 0:
-            raise EmptyStatisticsError(
-                f"build_bases saw no samples at site {key!r} ({stats[key].n_batches} batches) "
-                "in its first pass over data: data is empty, or yields only empty batches (or, for "
-                "a site with positions=, batches without those positions). Pass batches of "
-                "model inputs, e.g. list(x.split(256))."
-            )
-
-
-def _check_pass_saw_batches(
-    label: str, first: Statistics, now: Statistics, key: str, data: Any
-) -> None:
-    """A later pass that saw no batch where the first saw some: ``data`` was exhausted."""
-    n_first = first[key].n_batches
-    if n_first and (key not in now or now[key].n_batches == 0):
-        raise EmptyStatisticsError(
-            f"build_bases pass {label!r} saw no batches, but data yielded {n_first} batches "
-            f"in the first pass: data ({type(data).__name__}) is exhausted after one pass. "
-            "Pass a re-iterable: a list of batches or a torch DataLoader."
-        )
-
-
-def _no_gradient_error(model: nn.Module, run: Any) -> GradientError | None:
-    """The error for a site that gradients did not reach, with advice a build_bases user can
-    follow, or ``None`` for another gradient error (raised unchanged).
-
-    ``collect``'s message advises changing the forward pass, which build_bases runs itself:
-    here the fix goes through ``forward=`` (or the model).
-    """
-    reasons = getattr(run, "_no_grad_reason", None) or {}
-    if not reasons:
-        return None
-    key, reason = next(iter(reasons.items()))
-    fix = (
-        "build_bases runs the forward passes itself, so make the input require grad "
-        "with forward=lambda model, batch: model(batch.requires_grad_()) (a "
-        "floating-point tensor batch; the Jacobians need no parameter gradients), or "
-        "unfreeze the model with model.requires_grad_(True)."
-    )
-    if "no_grad()" in reason or "inference_mode()" in reason:
-        why = (
-            "forward= ran the model without gradients (under torch.no_grad() or "
-            "torch.inference_mode()). Let forward= run the model with gradients enabled: "
-            "build_bases takes the Jacobians by backward passes through its forward passes."
-        )
-    elif not any(p.requires_grad for p in model.parameters()):
-        why = (
-            "the model is frozen (none of its parameters requires grad) and the batches do "
-            f"not require grad. {fix}"
-        )
-    else:
-        why = (
-            "nothing upstream of it requires grad: the site is at the model input, or "
-            f"everything before it is frozen (requires_grad=False). {fix}"
-        )
-    return GradientError(
-        f"build_bases cannot take the Jacobians of site {key!r}: no gradient reaches it, "
-        f"because {why}"
-    )
-
-
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, tuple) and len(value) == 2 and is_section(value[0])
-
-
-def _auto_sections(
-    model: nn.Module, site_objs: list[Site], out_site: Site | None, output_positions: Any
-) -> Mapping[str, tuple[Any, Site | None]]:
-    """``sections="auto"``: what the model's family finds (TransformerLens blocks), or the
-    ``Linear -> activation -> Linear`` sections of ``nn.Sequential`` models."""
-    found = family_hook(_unwrap(model)[0], "find_sections")
-    if found is not None:
-        return found(model, site_objs, out_site, output_positions)
-    return find_mlp_sections(model, site_objs, out_site)
-
-
-def _output_site(output: str | Site | None, positions: Any, rotate: bool) -> Site | None:
-    if output is not None:
-        return _as_site(output)
-    if rotate:
-        return Site("", positions=positions, label="output")
-    return None
 
 
 def _subset(stats: Statistics, keys: Mapping[str, str]) -> Statistics:

@@ -97,7 +97,7 @@ def find_closed_pairs(
     if isinstance(sections, str):
         if sections != "auto":
             raise ValueError(f"sections must be a mapping, 'auto' or None, got {sections!r}.")
-        from ..build import _auto_sections  # the finders build_bases uses
+        from .._build_checks import _auto_sections  # the finders build_bases uses
 
         basis_layers = layers[:-1] if has_output else layers
         sites = [layer.site for layer in basis_layers]

@@ -3,7 +3,8 @@
 Private helpers shared by the edge computation and edge ablation (lib_math §7): a
 :class:`NodeLayer` reads a site's activation as features ``(f - mu) @ C`` (shape
 ``(batch, n_positions, r)``, every non-batch, non-feature dimension flattened into positions)
-and writes features back as ``features @ C_pinv + mu`` at the site's positions;
+and writes features back as ``features @ C_pinv + mu`` at the site's positions
+(:func:`output_layer` makes the graph's last layer, the model output or a later site);
 :func:`run_section` runs the model with one activation rewritten and stops as soon as a target
 site has been reached (an exception raised in the target's hook, as in baukit's ``stop=True``).
 """
@@ -137,6 +138,52 @@ class NodeLayer:
             out = moved.detach().clone()
             out[:, index] = x.reshape(out[:, index].shape).to(act.dtype)
         return out if self.site is None else self.site.restore_axis(out)
+
+
+def output_layer(
+    basis: InteractionBasis,
+    output: bool | str | Site | None,
+    positions: Any,
+    rotation: torch.Tensor | str | None,
+) -> NodeLayer | None:
+    """The last node layer ``InteractionGraph.fit(output=...)`` asks for, or ``None``.
+
+    ``output=True`` is the model output, a site name or :class:`~degen_hooks.Site` a later
+    site; ``rotation="basis"`` reads it through ``basis.output_rotation_`` when set.
+
+    Raises:
+        ValueError: For a string ``rotation`` other than ``"basis"``.
+        ShapeMismatchError: If ``output`` is already a site of the basis.
+    """
+    if output is None or output is False:
+        return None
+    if isinstance(rotation, str):
+        if rotation != "basis":
+            raise ValueError(
+                f"output_rotation must be a (d_out, r) tensor, None or 'basis', got {rotation!r}."
+            )
+        rotation = getattr(basis, "output_rotation_", None)
+    if rotation is not None:
+        rotation = rotation.to(torch.float64)
+    # R^T for the orthonormal PCA rotation build_bases stores.
+    pinv = None if rotation is None else torch.linalg.pinv(rotation)
+    if output is True:
+        return NodeLayer(OUTPUT_KEY, None, positions, rotation, pinv, None)
+    site = output if isinstance(output, Site) else Site(output)
+    if site.key in basis.sites_:
+        raise ShapeMismatchError(
+            f"output={site.key!r} is already a site of the basis; the output layer must come "
+            "after the last site."
+        )
+    return NodeLayer(site.key, site, site.positions, rotation, pinv, None)
+
+
+def describe_output(layer: NodeLayer) -> dict[str, Any]:
+    """``InteractionGraph.output_``: the output layer's key, name, io and positions (JSON)."""
+    if layer.site is not None:
+        return {"key": layer.key, **layer.site.to_info()}
+    positions = Site("", positions=layer.positions).to_info()["positions"]
+    return {"key": layer.key, "name": None, "io": None, "positions": positions}
 
 
 class _Stop(Exception):  # noqa: N818 - control flow, never escapes run_section

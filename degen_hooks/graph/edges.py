@@ -24,7 +24,12 @@ to rounding.
 Elsewhere the edges are computed by differentiating through the model: a forward hook
 replaces the input site's activation by ``z @ C_pinv + mu`` with ``z`` a leaf tensor
 (``z = alpha f_hat``), the pass stops at the next site, whose features ``(f' - mu') @ C'``
-are differentiated with batched probes.
+are differentiated with batched probes (:mod:`degen_hooks.graph._backward_edges`, mixed into
+:class:`InteractionGraph`).
+
+This module holds :class:`InteractionGraph` (fitting, persistence), the integration rules
+(:func:`integration_points`) and :func:`fit_graphs`; the node layers, the output layer among
+them, are in :mod:`degen_hooks.graph._layers`.
 
 Conventions and choices:
 
@@ -48,7 +53,7 @@ For a linear section the column sums ``sum_i E_ij`` equal ``Lambda_j`` (lib_math
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,14 +61,16 @@ import torch
 from torch import nn
 
 from .._checks import check_fitted
-from .._errors import GradientError, ShapeMismatchError, SiteNotFoundError
+from .._errors import ShapeMismatchError, SiteNotFoundError
 from .._estimator import ParamsMixin
 from ..accumulators import Covariance
 from ..basis import InteractionBasis
-from ..jacobians import probe_chunks, vjp_batched
 from ..sites import Site
+from ._backward_edges import BackwardEdges
 from ._closed import ReadPass, find_closed_pairs, pair_edges
-from ._layers import OUTPUT_KEY, NodeLayer, output_tensor, run_section
+from ._layers import NodeLayer
+from ._layers import describe_output as _describe_output
+from ._layers import output_layer as _output_layer
 
 __all__ = ["InteractionGraph", "fit_graphs", "integration_points"]
 
@@ -114,7 +121,7 @@ def integration_points(integration: str, n_intervals: int) -> tuple[np.ndarray, 
     return (nodes + 1) / 2, weights / 2
 
 
-class InteractionGraph(ParamsMixin):
+class InteractionGraph(BackwardEdges, ParamsMixin):
     """Edges between the features of consecutive node layers of a basis.
 
     Args:
@@ -314,107 +321,6 @@ class InteractionGraph(ParamsMixin):
             raise ValueError(f"n_sources must be at least 1, got {self.n_sources}.")
         integration_points(self.integration, self.n_intervals)
 
-    def _pair_edges(
-        self,
-        model: nn.Module,
-        batch: Any,
-        call: Callable[[nn.Module, Any], Any],
-        src: NodeLayer,
-        dst: NodeLayer,
-        alphas: np.ndarray,
-        weights: np.ndarray,
-        chunk: int,
-        random: dict[str, torch.Generator],
-    ) -> tuple[torch.Tensor, int]:
-        """Un-normalised edge sums of one batch for one pair, and the input rows."""
-        leaves: list[torch.Tensor] = []
-        clean: list[torch.Tensor] = []
-        outputs = []
-        with torch.enable_grad():
-            for alpha in alphas:
-
-                def rewrite(act: torch.Tensor, alpha: float = float(alpha)) -> torch.Tensor:
-                    features = src.features(act.detach())
-                    clean.append(features)
-                    leaf = (alpha * features).detach().requires_grad_(True)
-                    leaves.append(leaf)
-                    return src.write(act, leaf)
-
-                assert src.site is not None  # only the last layer can be the model output
-                result = run_section(
-                    model, batch, call, rewrites={src.key: (src.site, rewrite)}, target=dst.site
-                )
-                y = output_tensor(result) if dst.site is None else result
-                outputs.append(dst.features(y))
-        out = torch.stack(outputs)  # (K, B, T, r_next)
-        if not out.requires_grad:
-            raise GradientError(
-                f"Layer {dst.key!r} does not depend on layer {src.key!r}: no gradient flows "
-                "between them. List node layers in forward order."
-            )
-        features = clean[0]  # (B, S, r)
-        r_next = out.shape[-1]
-        edges = torch.zeros(r_next, features.shape[-1], dtype=torch.float64, device=out.device)
-        w = torch.as_tensor(weights, dtype=out.dtype, device=out.device)
-        for probes, index in self._probes(tuple(out.shape[1:]), chunk, out.device, random):
-            grad_outputs = w[None, :, None, None, None] * probes[:, None]
-            grads = vjp_batched(out, leaves, grad_outputs, retain_graph=True)
-            grad = sum(g for g in grads if g is not None)
-            if not isinstance(grad, torch.Tensor):
-                raise GradientError(
-                    f"No gradient reached layer {src.key!r} from layer {dst.key!r}."
-                )
-            attribution = (grad * features).sum(2)  # (k, B, r): input positions inside
-            edges.index_add_(0, index, attribution.square().sum(1))
-        return edges, features.shape[0] * features.shape[1]
-
-    def _probes(
-        self,
-        shape: tuple[int, ...],
-        chunk: int,
-        device: torch.device,
-        random: dict[str, torch.Generator],
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Grad-outputs ``(k, B, T, r_next)`` and the output feature of each probe ``(k,)``."""
-        r_next = shape[-1]
-        if self.method == "exact":
-            for probes in probe_chunks(
-                "exact", torch.Size(shape), chunk=chunk, dtype=torch.float64, device=device
-            ):
-                k = probes.shape[0]
-                index = probes.reshape(k, -1, r_next).abs().amax(1).argmax(-1)
-                yield probes, index
-            return
-        signs = self._signs((*shape[:-1], 1), device, random)
-        jobs = [(s, i) for s in range(self.n_sources) for i in range(r_next)]
-        eye = torch.eye(r_next, dtype=torch.float64, device=device)
-        for start in range(0, len(jobs), chunk):
-            part = torch.tensor(jobs[start : start + chunk], device=device)
-            yield signs[part[:, 0]] * eye[part[:, 1]][:, None, None, :], part[:, 1]
-
-    def _signs(
-        self, shape: tuple[int, ...], device: torch.device, random: dict[str, torch.Generator]
-    ) -> torch.Tensor:
-        """The sources of one batch and pair, ``(n_sources, batch, n_out_positions, 1)``.
-
-        Backward and closed-form pairs draw them here, once per batch and pair in pair
-        order, so both paths see the same signs.
-        """
-        if "generator" not in random:
-            random["generator"] = torch.Generator(device=device).manual_seed(self.seed)
-        # One Rademacher vector over (batch, output positions) per source, shared by every
-        # output feature; scaled by 1/sqrt(n_sources) so that summing squares averages them.
-        (signs,) = probe_chunks(
-            "rademacher",
-            torch.Size(shape),
-            n_probes=self.n_sources,
-            chunk=self.n_sources,
-            generator=random["generator"],
-            dtype=torch.float64,
-            device=device,
-        )
-        return signs
-
     # -- using it -----------------------------------------------------------------------------
     def pair(self, pair: int | Pair | str) -> Pair:
         """Normalise a pair given as an index, a ``(site_l, site_next)`` tuple or ``site_l``.
@@ -480,42 +386,6 @@ class InteractionGraph(ParamsMixin):
         graph.output_rotation_ = state.get("output_rotation")
         graph.closed_form_ = [tuple(p) for p in metadata.get("closed_form", [])]
         return graph
-
-
-def _output_layer(
-    basis: InteractionBasis,
-    output: bool | str | Site | None,
-    positions: Any,
-    rotation: torch.Tensor | str | None,
-) -> NodeLayer | None:
-    if output is None or output is False:
-        return None
-    if isinstance(rotation, str):
-        if rotation != "basis":
-            raise ValueError(
-                f"output_rotation must be a (d_out, r) tensor, None or 'basis', got {rotation!r}."
-            )
-        rotation = getattr(basis, "output_rotation_", None)
-    if rotation is not None:
-        rotation = rotation.to(torch.float64)
-    # R^T for the orthonormal PCA rotation build_bases stores.
-    pinv = None if rotation is None else torch.linalg.pinv(rotation)
-    if output is True:
-        return NodeLayer(OUTPUT_KEY, None, positions, rotation, pinv, None)
-    site = output if isinstance(output, Site) else Site(output)
-    if site.key in basis.sites_:
-        raise ShapeMismatchError(
-            f"output={site.key!r} is already a site of the basis; the output layer must come "
-            "after the last site."
-        )
-    return NodeLayer(site.key, site, site.positions, rotation, pinv, None)
-
-
-def _describe_output(layer: NodeLayer) -> dict[str, Any]:
-    if layer.site is not None:
-        return {"key": layer.key, **layer.site.to_info()}
-    positions = Site("", positions=layer.positions).to_info()["positions"]
-    return {"key": layer.key, "name": None, "io": None, "positions": positions}
 
 
 def fit_graphs(

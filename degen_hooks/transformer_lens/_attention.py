@@ -26,10 +26,11 @@ A LayerNorm or RMSNorm before attention multiplies every attention term by its J
 projector for LayerNorm, the identity for RMSNorm), recomputed from ``hook_resid_pre``; the
 norm's gain is folded into ``W_Q``, ``W_K`` and ``W_V``, and the residual bypasses the norm.
 
-Rotary embeddings (HookedTransformer) rotate q and k per position, ``q'_hp = M_p q_hp``:
-the scores are made of the rotated vectors (hooks ``hook_rot_q``, ``hook_rot_k``), and the
-key and query terms become ``W_K^h M_j^T q'_hp`` and ``W_Q^h M_p^T k'_hl`` (positions
-``0 .. n-1``: no left-padding offsets).
+Rotary embeddings rotate q and k per position, ``q'_hp = M_p q_hp``: the scores are made of
+the rotated vectors, and the key and query terms become ``W_K^h M_j^T q'_hp`` and
+``W_Q^h M_p^T k'_hl`` (positions ``0 .. n-1``: no left-padding offsets). A HookedTransformer
+hooks the rotated vectors (``hook_rot_q``, ``hook_rot_k``); on a TransformerBridge the section
+rotates ``hook_q`` and ``hook_k`` itself, by the tables :func:`._rotary.bridge_rotary` finds.
 """
 
 from __future__ import annotations
@@ -48,15 +49,14 @@ from .._hooks import SiteHook
 from ..accumulators import SecondMoment
 from ..sites import Site, _unwrap, select_positions
 from ._attention_edges import AttentionEdges, _heads
-from ._attention_gram import lowrank_gram
+from ._attention_gram import accumulate
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, site_modules
-from ._rotary import Rotary
+from ._rotary import Rotary, bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-_ELEMENTS = 2**21  # elements of the per-chunk Gram rows (and of the score tensors)
 
 
 def attention_section_sites(
@@ -135,7 +135,11 @@ class AttentionSection(AttentionEdges):
             ``"RMSPre"`` (its Jacobian is recomputed from the input captured at ``source``).
         eps: The norm's epsilon.
         rotary: The rotary embedding of q and k (``hooks`` then name ``hook_rot_q`` and
-            ``hook_rot_k``, the rotated vectors the scores are made of).
+            ``hook_rot_k``, the rotated vectors the scores are made of, unless ``rotates``).
+        rotates: ``hooks`` name the unrotated q and k (a ``TransformerBridge``): each batch
+            rotates them by ``rotary`` and checks the model's pattern against them.
+        rotary_tables: The hooks of the ``(cos, sin)`` tables a Hugging Face model passes the
+            layer (a bridge): each forward pass's tables make that batch's ``rotary``.
     """
 
     w_q: torch.Tensor
@@ -150,6 +154,8 @@ class AttentionSection(AttentionEdges):
     norm: str | None = None
     eps: float = 1e-5
     rotary: Rotary | None = None
+    rotates: bool = False
+    rotary_tables: tuple[str, ...] = ()
 
     @property
     def d_in(self) -> int:
@@ -158,12 +164,13 @@ class AttentionSection(AttentionEdges):
 
     @property
     def _captures(self) -> tuple[str, ...]:
-        """The hooks a forward pass must fire: q, k, v, pattern, the input with a norm, and the
-        unrotated q with rotary embeddings (to check the positions the model rotated by)."""
+        """The hooks a forward pass must fire: q, k, v, pattern, the input with a norm, the
+        rotary tables a bridge reads, and a HookedTransformer's unrotated q with rotary
+        embeddings (to check the positions the model rotated by)."""
         extra = () if self.norm is None else (self.source,)
-        if self.rotary is not None:
+        if self.rotary is not None and not self.rotates:
             extra += (self.hooks[0].replace("hook_rot_q", "hook_q"),)
-        return (*self.hooks, *extra)
+        return (*self.hooks, *extra, *self.rotary_tables)
 
     def jacobian_rows(
         self,
@@ -252,18 +259,6 @@ class AttentionSection(AttentionEdges):
             for p_index, k_index in diagonal:
                 rows[:, p_index, k_index] += root[p_index] * readout.T
         return rows
-
-    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
-        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
-        plain = plain.reshape(rotated.shape)
-        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
-        if error > 1e-4 * rotated.abs().max():
-            raise ValueError(
-                "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
-                "padding with an attention_mask, or a key-value cache): the rotary closed form "
-                "assumes plain positions. Run the section without attention_mask/cache, or "
-                "use exact probes."
-            )
 
     def _through_norm(self, rows: torch.Tensor, x: torch.Tensor) -> None:
         """``rows <- rows D`` in place, ``D = (P - n^T n / d) / sigma`` the norm's Jacobian.
@@ -375,51 +370,15 @@ class AttentionSection(AttentionEdges):
         q, k, v = (_heads(captured[name], n_heads, d_head) for name in self.hooks[:3])
         pattern = captured[self.hooks[3]].to(f64)
         x = captured[self.source].to(f64) if self.norm is not None else None
-        if self.rotary is not None:
-            self._check_positions(q, captured[self._captures[-1]].to(f64))
-        readout = readout.to(q.device, f64)
+        plain = self.hooks[0].replace("hook_rot_q", "hook_q")
+        plain_q = captured[plain].to(f64) if plain in captured else None
+        tables = tuple(captured[name] for name in self.rotary_tables)
+        dtype = captured[self.hooks[3]].dtype
+        section, q, k = self._for_batch(q, k, pattern, plain_q, tables, dtype)
         n_pos = v.shape[1]
         inputs = _positions(site, n_pos, q.device)
         outputs, weights = _positions(target, n_pos, q.device).unique(return_counts=True)
-        weights = weights.to(f64)
-        if readout.shape[1] == 0:  # the next site kept no feature: no probe, a zero Gram
-            empty = torch.zeros(0, self.d_in, dtype=f64, device=q.device)
-            gram.update(empty, count=v.shape[0] * len(inputs))
-            return
-        if self.rotary is None:  # the Gram from its pieces, not one row per probe
-            r = readout.shape[1]
-            n_out, n_in = len(outputs), len(inputs)
-            per_sample = n_heads * n_out * (n_in + n_pos) * max(r, d_head) + n_out * r * self.d_in
-            step = max(1, _ELEMENTS // per_sample)
-            total = torch.zeros(self.d_in, self.d_in, dtype=f64, device=q.device)
-            for start in range(0, v.shape[0], step):
-                part = slice(start, start + step)
-                total += lowrank_gram(
-                    self, q[part], k[part], v[part], pattern[part], readout, inputs, outputs,
-                    weights, None if x is None else x[part],
-                )  # fmt: skip
-            n_samples = v.shape[0] * n_in
-            gram.merge(SecondMoment.from_matrix((total + total.T) / (2 * n_samples), n_samples))
-            return
-        per_sample = len(outputs) * len(inputs) * readout.shape[1] * self.d_in
-        step = max(1, _ELEMENTS // max(per_sample, n_heads * len(outputs) * n_pos * d_head))
-        size = min(step, v.shape[0]) * per_sample
-        buffer = scratch.get("rows")
-        if buffer is None or buffer.numel() < size or buffer.device != q.device:
-            buffer = scratch["rows"] = torch.empty(size, dtype=f64, device=q.device)
-        diagonal = outputs[:, None] == inputs[None, :]  # (P, K): skip and query terms
-        for start in range(0, v.shape[0], step):
-            part = slice(start, start + step)
-            rows = self.jacobian_rows(
-                q[part], k[part], v[part], pattern[part], readout, inputs, outputs, weights,
-                buffer, None if x is None else x[part],
-            )  # fmt: skip
-            # An input no head of any sample attends to from an output (a causal mask's
-            # future keys) gives exact zero rows there: leave them out of the product.
-            seen = pattern[part][:, :, outputs][..., inputs] != 0  # (b, h, P, K)
-            live = seen.flatten(0, 1).any(0) | diagonal
-            used = rows if bool(live.all()) else rows[:, live]
-            gram.update(used.reshape(-1, self.d_in), count=rows.shape[0] * len(inputs))
+        accumulate(section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights, scratch)
 
 
 def unprefixed(site: Site, prefix: str) -> str:
@@ -459,10 +418,19 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         layer: The block.
         residual: ``True`` (default) for ``hook_resid_pre -> hook_resid_mid``.
 
+    Rotary attention is covered on both families: a HookedTransformer's rotary tables, a
+    native bridge's fixed ones, or the ``(cos, sin)`` a Hugging Face model passes a bridge's
+    attention in each forward pass (see :func:`._rotary.bridge_rotary`). Grouped-query
+    attention repeats each key/value head for its query heads.
+
     Raises:
-        ValueError: As :func:`attention_section_sites`; for grouped-query attention, QK
-            norms, soft caps and other attention the formula does not cover, and for rotary
-            embeddings on a bridge (which keeps no rotary tables).
+        ValueError: As :func:`attention_section_sites`; for QK norms, soft caps, dynamic NTK
+            tables on a HookedTransformer and other attention the formula does not cover;
+            on a bridge, for rotary it cannot follow exactly (adjacent pairs rotated in
+            float32, a norm or a multiplier between the q/k projection and the rotation,
+            attention sinks, rotation inside a wrapped module that passes no tables).
+            ``gram_pass`` raises when a batch was rotated at positions other than
+            ``0 .. n-1`` (left padding, position_ids, a cache).
     """
     source, target = attention_section_sites(model, layer, residual=residual)
     (index,) = _layers(model, layer)
@@ -476,14 +444,13 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
         w_q, w_k, w_v = (w * gain.to(w)[None, :, None] for w in (w_q, w_k, w_v))
     norm = getattr(cfg, "normalization_type", None)
-    rotary, hooks = None, _HOOKS
-    if getattr(cfg, "positional_embedding_type", "standard") == "rotary":
-        if not isinstance(getattr(attn, "rotary_cos", None), torch.Tensor):
-            raise ValueError(
-                f"Block {index}'s attention has no rotary_cos/rotary_sin tables (a "
-                "TransformerBridge): rotary attention has a closed form on HookedTransformer "
-                "models only. Use exact probes."
-            )
+    rotary, hooks, tables = None, _HOOKS, ()
+    rotates = getattr(cfg, "positional_embedding_type", "standard") == "rotary" and not (
+        isinstance(getattr(attn, "rotary_cos", None), torch.Tensor)
+    )
+    if rotates:  # a TransformerBridge: it rotates hook_q and hook_k, by these tables
+        rotary, tables = bridge_rotary(attn, cfg, index)
+    elif getattr(cfg, "positional_embedding_type", "standard") == "rotary":
         rotary = Rotary(
             cos=attn.rotary_cos.detach().to(torch.float64).clone(),
             sin=attn.rotary_sin.detach().to(torch.float64).clone(),
@@ -495,7 +462,7 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         w_k=w_k.clone(),
         w_v=w_v.clone(),
         w_o=w_o.clone(),
-        scale=_scale(model, index, cfg),
+        scale=_scale(model, index, cfg) if not tables else hf_scale(attn),
         residual=residual,
         source=source,
         target=target,
@@ -503,4 +470,6 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         norm=norm if norm in _NORMS else None,
         eps=float(getattr(cfg, "eps", 1e-5)),
         rotary=rotary,
+        rotates=rotates,
+        rotary_tables=tables,
     )

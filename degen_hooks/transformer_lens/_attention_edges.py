@@ -20,6 +20,7 @@ import torch
 from .. import closed_form as _closed_form
 from .._errors import ShapeMismatchError
 from ..sites import Site
+from ._rotary import check_pattern, passed_rotary
 
 
 def _heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
@@ -37,13 +38,54 @@ def _heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
 
 
 class AttentionEdges:
-    """The edge methods of :class:`~degen_hooks.transformer_lens.AttentionSection`."""
+    """The edge methods of :class:`~degen_hooks.transformer_lens.AttentionSection`, and the
+    rotary handling of each batch that its Gram pass shares with them."""
+
+    def _for_batch(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        pattern: torch.Tensor,
+        plain_q: torch.Tensor | None,
+        tables: tuple[torch.Tensor, ...],
+        dtype: torch.dtype,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The section for one batch and the q, k its scores are made of.
+
+        A HookedTransformer's (rotated) q is checked against its unrotated ``plain_q``; on a
+        bridge (``rotates``), q and k are rotated by the batch's ``tables`` (when read) or
+        the fixed ones, and the model's ``pattern`` (computed in ``dtype``) checked.
+        """
+        if not self.rotates:
+            if self.rotary is not None and plain_q is not None:
+                self._check_positions(q, plain_q)
+            return self, q, k
+        section = replace(self, rotary=passed_rotary(*tables)) if tables else self
+        rotary = section.rotary
+        if rotary is None:  # rotates without tables: not built by attention_section
+            raise ValueError("A section that rotates q and k needs rotary tables.")
+        q, k = rotary.rotate(q), rotary.rotate(k)
+        check_pattern(q, k, pattern, self.scale, dtype)
+        return section, q, k
+
+    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
+        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
+        plain = plain.reshape(rotated.shape)
+        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
+        if error > 1e-4 * rotated.abs().max():
+            raise ValueError(
+                "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
+                "padding with an attention_mask, or a key-value cache): the rotary closed form "
+                "assumes plain positions. Run the section without attention_mask/cache, or "
+                "use exact probes."
+            )
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
         """What :meth:`edge_batch` reads in the graph's forward pass, by role.
 
         The section's input (the whole activation, every position), the layer's q, k, v and
-        pattern, and with rotary embeddings the unrotated q (to check the positions).
+        pattern, with a HookedTransformer's rotary embeddings the unrotated q (to check the
+        positions), and the rotary tables a bridge's Hugging Face attention is passed.
 
         Args:
             site: The graph layer at the section's input.
@@ -61,8 +103,10 @@ class AttentionEdges:
             )
         roles = zip("qkvp", self.hooks, strict=True)
         reads = {"x": site, **{role: Site(name) for role, name in roles}}
-        if self.rotary is not None:
+        if self.rotary is not None and not self.rotates:
             reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
+        for role, name in zip(("cos", "sin"), self.rotary_tables, strict=False):
+            reads[role] = Site(name)
         return reads
 
     def edge_batch(
@@ -108,7 +152,8 @@ class AttentionEdges:
 
         Raises:
             ShapeMismatchError: If the output layer's read-out does not fit the section.
-            ValueError: For rotary embeddings applied at shifted positions (left padding).
+            ValueError: For rotary embeddings applied at shifted positions (left padding,
+                position_ids).
         """
         f64 = torch.float64
         elements = _closed_form.EDGE_ELEMENTS if elements is None else elements
@@ -119,8 +164,9 @@ class AttentionEdges:
         device = f.device
         q, k, v = (_heads(reads[role], n_heads, d_head) for role in "qkv")
         pattern = reads["p"].to(f64)
-        if self.rotary is not None:
-            self._check_positions(q, reads["plain_q"].to(f64))
+        plain_q = reads["plain_q"].to(f64) if "plain_q" in reads else None
+        tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
+        section, q, k = self._for_batch(q, k, pattern, plain_q, tables, reads["p"].dtype)
         inputs, outputs = src.positions_of(act), dst.positions_of(act)
         d_out = self.w_o.shape[2]
         readout = dst.rotation
@@ -143,11 +189,13 @@ class AttentionEdges:
                 rewritten = src.site.features_last(written).to(f64)
                 rows = None if self.norm is not None else outputs  # the direct sums' rows
                 out.append(
-                    self._moved(rewritten, x[part], q[part], k[part], v[part], pattern[part], rows)
+                    section._moved(
+                        rewritten, x[part], q[part], k[part], v[part], pattern[part], rows
+                    )
                 )
             return out
 
-        edges = self._edge_sums(
+        edges = section._edge_sums(
             moved, f, x.shape[1], readin, readout, inputs, outputs, weights, drawn, elements
         )
         return edges, f.shape[0] * f.shape[1]

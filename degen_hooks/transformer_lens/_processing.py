@@ -31,7 +31,8 @@ class ProcessedWeightsWarning(UserWarning):
 def _weight(model: nn.Module, name: str) -> torch.Tensor | None:
     try:
         value = getattr(model, name)
-    except (AttributeError, RuntimeError, NotImplementedError, KeyError):
+    # TypeError: a TransformerLens 3 bridge stacks absent biases (b_V of Llama) and fails.
+    except (AttributeError, RuntimeError, NotImplementedError, KeyError, TypeError):
         return None
     return value.detach() if isinstance(value, torch.Tensor) else None
 

@@ -1,13 +1,22 @@
 """Rotary position embeddings as TransformerLens applies them, and their transposes.
 
-Part of :mod:`degen_hooks.transformer_lens`; used by the attention closed form.
+Part of :mod:`degen_hooks.transformer_lens`; used by the attention closed form. A
+``HookedTransformer`` keeps its tables (``rotary_cos``, ``rotary_sin``) and hooks the rotated
+q and k. A ``TransformerBridge`` does neither the same way: :func:`bridge_rotary` finds the
+tables (a native model's fixed ones, or the ``(cos, sin)`` a Hugging Face model passes its
+attention in each forward pass), and the section rotates the bridge's unrotated q and k itself,
+checking each batch's pattern against them (:func:`check_pattern`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+
+_ELEMENTS = 2**21  # elements of the score tensors checked at once
 
 
 @dataclass
@@ -47,3 +56,170 @@ class Rotary:
         sin = self.sin.to(y)[positions][..., None, :]
         turned = cos * y[..., :dim] - self._flip(sin * y[..., :dim])
         return torch.cat([turned, y[..., dim:].expand(*turned.shape[:-1], -1)], dim=-1)
+
+
+_POSITIONS_HINT = (
+    "the model rotated q and k at positions other than 0, 1, ..., n-1 (position_ids, left "
+    "padding with an attention_mask, a key-value cache), or changed the scores in a way the "
+    "closed form does not follow. Run the section without position_ids/attention_mask/cache, "
+    "or use exact probes."
+)
+
+
+def passed_rotary(cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
+    """The rotation of the ``(cos, sin)`` a Hugging Face model passed its attention.
+
+    Args:
+        cos, sin: ``(pos, dim)`` or ``(batch, pos, dim)`` (``dim <= d_head``: the first
+            ``dim`` features rotate), in the rotate-half convention of ``apply_rotary_pos_emb``.
+
+    Returns:
+        The float64 :class:`Rotary` of these very tables (scaling such as dynamic NTK or
+        YaRN's ``attention_scaling`` included).
+
+    Raises:
+        ValueError: If the samples of the batch got different tables (per-sample positions).
+    """
+    if cos.ndim == 3:
+        if not all(torch.equal(t, t[:1].expand_as(t)) for t in (cos, sin)):
+            raise ValueError(f"Rotary tables differ across the batch: {_POSITIONS_HINT}")
+        cos, sin = cos[0], sin[0]
+    f64 = torch.float64
+    return Rotary(cos=cos.to(f64), sin=sin.to(f64), adjacent_pairs=False)
+
+
+def check_pattern(
+    q: torch.Tensor, k: torch.Tensor, pattern: torch.Tensor, scale: float, dtype: torch.dtype
+) -> None:
+    """Refuse a batch whose pattern is not ``softmax(q k^T / scale)`` over the keys it sees.
+
+    Args:
+        q, k: The rotated q and k the section computed, ``(b, pos, heads, d_head)``.
+        pattern: The model's pattern, ``(b, heads, query pos, key pos)``, float64.
+        scale: The section's score divisor.
+        dtype: The dtype the model computed the pattern in (sets the tolerance).
+
+    Raises:
+        ValueError: If they differ by more than rounding.
+    """
+    # A bridge takes the softmax in float32 at best: a shifted rotation moves the pattern by
+    # far more than 1e-3; half precision only gets a coarse check.
+    tolerance = 1e-3 if torch.finfo(dtype).bits >= 32 else 5e-2
+    step = max(1, _ELEMENTS // max(1, pattern[0].numel() * q.shape[-1]))
+    for start in range(0, q.shape[0], step):
+        part = slice(start, start + step)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q[part], k[part]) / scale
+        seen = pattern[part] > 0  # masked keys (and underflows) are left out
+        expected = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+        error = float((expected.nan_to_num(0.0) - pattern[part]).abs().max())
+        if error > tolerance:
+            raise ValueError(
+                f"The attention pattern differs from the softmax of the rotated q and k by "
+                f"{error:.2g}: {_POSITIONS_HINT}"
+            )
+
+
+def hf_scale(attn: nn.Module) -> float:
+    """The divisor of a bridge's Hugging Face attention scores (it multiplies by ``scaling``)."""
+    hf_attn = getattr(attn, "original_component", None)
+    scaling = getattr(hf_attn, "scaling", None)
+    if not isinstance(scaling, (int, float)):  # the bridge's own default
+        scaling = getattr(hf_attn, "head_dim", 1) ** -0.5
+    return 1.0 / float(scaling)
+
+
+def bridge_rotary(attn: nn.Module, cfg: Any, index: int) -> tuple[Rotary | None, tuple[str, ...]]:
+    """How a ``TransformerBridge`` attention layer rotates q and k, for the closed form.
+
+    The section reads the bridge's unrotated ``hook_q`` and ``hook_k`` and rotates them
+    itself: a bridge fires ``hook_rot_q``/``hook_rot_k`` head-major (``(b, heads, pos,
+    d_head)`` before their hook conversion), or not at all (a native model, which rotates
+    inside its wrapped attention). The tables are
+
+    * a native model's (``TransformerBridge.boot_native``): the fixed ``cos_cached`` and
+      ``sin_cached`` of its rotary module, checked against the module's own rotation of a
+      random input;
+    * a Hugging Face model's: the ``(cos, sin)`` its rotary embedding passes the layer, read
+      at ``attn.hook_cos`` and ``attn.hook_sin`` in every forward pass (:func:`passed_rotary`):
+      the very tables the model used, dynamic scaling included.
+
+    Args:
+        attn: The bridge's attention component of the block.
+        cfg: The bridge's config.
+        index: The block.
+
+    Returns:
+        ``(rotary, ())`` for fixed tables, ``(None, (cos hook, sin hook))`` for tables read
+        in each forward pass.
+
+    Raises:
+        ValueError: For rotary the closed form cannot follow exactly (named in the message).
+    """
+    original = getattr(attn, "original_component", None)
+    native = getattr(original, "rotary", None)
+    if isinstance(getattr(native, "cos_cached", None), torch.Tensor):
+        return _native_rotary(native, cfg.d_head, index), ()
+    hf_config = getattr(original, "config", None)
+    rope = getattr(hf_config, "rope_parameters", None)
+
+    def has(name: str) -> bool:  # the wrapped Hugging Face attention has this feature
+        return getattr(original, name, None) is not None
+
+    submodules = set(getattr(attn, "submodules", None) or {})
+    unsupported = {
+        "adjacent pairs rotated in float32 (rotary_adjacent_pairs, rotary_interleaved_cos_sin)":
+            bool(getattr(cfg, "rotary_adjacent_pairs", False))
+            or bool(getattr(cfg, "rotary_interleaved_cos_sin", False)),
+        "a norm of q or k before the rotation (q_norm, k_norm)":
+            bool({"q_norm", "k_norm"} & submodules),
+        "a key multiplier (key_multiplier)": has("key_multiplier"),
+        "a per-position query scale (llama_4_scaling_beta)":
+            isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None,
+        "a gated q projection (gated_q_proj)": bool(getattr(cfg, "gated_q_proj", False)),
+        "attention sinks": has("sinks"),
+        "soft-capped scores (attn_logit_softcapping)": has("attn_logit_softcapping"),
+        "clip_qkv": getattr(hf_config, "clip_qkv", None) is not None,
+        "layers that skip the rotation (rope_optional)":
+            bool(getattr(attn, "rope_optional", False)),
+    }  # fmt: skip
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(
+            f"Block {index}'s rotary attention ({type(attn).__name__}) has {', '.join(bad)}: "
+            "the closed form does not cover it. Collect its Jacobians with exact probes (leave "
+            "this section out of sections=)."
+        )
+    hooks = ("hook_cos", "hook_sin")
+    if not all(isinstance(getattr(attn, name, None), nn.Module) for name in hooks):
+        raise ValueError(
+            f"Block {index}'s attention ({type(attn).__name__}) rotates q and k inside the "
+            "wrapped model, which passes it no (cos, sin) tables to read: the rotary closed "
+            "form covers HookedTransformer, native TransformerBridge models and Hugging Face "
+            "models whose attention receives position_embeddings (Llama-style). Use exact "
+            "probes."
+        )
+    return None, tuple(f"blocks.{index}.attn.{name}" for name in hooks)
+
+
+def _native_rotary(module: nn.Module, d_head: int, index: int) -> Rotary:
+    """The fixed tables of a native bridge's rotary module, in the convention it applies
+    (found by rotating a random input both ways)."""
+    f64 = torch.float64
+    cos, sin = (
+        getattr(module, name).detach().to(f64).clone() for name in ("cos_cached", "sin_cached")
+    )
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, 1, cos.shape[0], d_head, generator=generator, dtype=f64)
+    probe = probe.to(cos.device)  # (batch, heads, pos, d_head), the module's layout
+    apply = getattr(module, "apply_rope", None)
+    with torch.no_grad():
+        turned = apply(probe, probe)[0].transpose(1, 2) if callable(apply) else None
+    for adjacent in (True, False) if turned is not None else ():
+        rotary = Rotary(cos=cos, sin=sin, adjacent_pairs=adjacent)
+        if torch.allclose(rotary.rotate(probe.transpose(1, 2)), turned, rtol=1e-12, atol=1e-12):
+            return rotary
+    raise ValueError(
+        f"Block {index}'s rotary module ({type(module).__name__}) does not rotate q and k by "
+        "its cos_cached/sin_cached tables in a convention the closed form knows (adjacent "
+        "pairs or halves). Use exact probes."
+    )

@@ -130,23 +130,33 @@ def test_attention_only_and_alibi_models(extra):
     torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
 
 
-@requires_hooked  # a bridge keeps no rotary tables: refused (below)
+def rotary_model(family: str, **config) -> torch.nn.Module:
+    """A perturbed float64 toy of ``family`` with ``config`` (rotary settings) on top."""
+    config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4, **config}
+    if family == "hooked":
+        return perturbed(tl_model(**config))
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return perturbed(TransformerBridge.boot_native(config, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("rotary_dim", [4, 2], ids=["full", "partial"])
 @pytest.mark.parametrize("adjacent", [False, True], ids=["halves", "adjacent"])
 @pytest.mark.parametrize("norm", [None, "LN"], ids=["nonorm", "LN"])
-def test_rotary_attention_equals_exact_probes(tokens, rotary_dim, adjacent, norm):
-    """q and k rotated per position (M_t): the scores' derivatives go through M_t^T."""
-    config = {
-        **toy_config("gelu", norm),
-        "positional_embedding_type": "rotary",
-        "rotary_dim": rotary_dim,
-        "rotary_adjacent_pairs": adjacent,
-    }
-    model = perturbed(tl_model(**config))
+def test_rotary_attention_equals_exact_probes(family, tokens, rotary_dim, adjacent, norm):
+    """q and k rotated per position (M_t): the scores' derivatives go through M_t^T. A native
+    bridge hooks only the unrotated q and k: the section rotates them by its module's tables
+    (always adjacent pairs there, whatever ``rotary_adjacent_pairs`` says)."""
+    config = {**toy_config("gelu", norm), "rotary_dim": rotary_dim}
+    model = rotary_model(family, **config, rotary_adjacent_pairs=adjacent)
     for residual in (True, False):
         source, target = attention_section_sites(model, 1, residual=residual)
         section = attention_section(model, 1, residual=residual)
-        assert section.rotary is not None and section.hooks[0].endswith("hook_rot_q")
+        assert section.rotary is not None
+        assert section.rotates == (family == "bridge")
+        assert section.hooks[0].endswith("hook_q" if section.rotates else "hook_rot_q")
         for positions in POSITIONS[:2] + POSITIONS[3:4]:
             site = dh.Site(source, positions=positions[0])
             out = dh.Site(target, positions=positions[1])
@@ -176,15 +186,127 @@ def test_rotary_with_offset_positions_is_refused(tokens):
     section.gram_pass(model, [tokens], site, out, progress=False)  # plain positions: fine
 
 
-def test_rotary_on_a_bridge_is_refused(build):
-    config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
+def test_rotary_at_shifted_positions_on_a_bridge_is_refused(tokens):
+    """A bridge rotated by other position_ids than 0 .. n-1: its pattern is not the softmax of
+    the q and k the section rotates, so the batch is refused, not wrong."""
+    model = rotary_model("bridge")
+    source, target = attention_section_sites(model, 0)
+    shifted = (torch.arange(N_CTX) - 2).clamp(min=0)[None]  # as left padding would
+
+    def moved(model, batch):
+        return model(batch, position_ids=shifted.expand(len(batch), -1))
+
+    section = attention_section(model, 0)
+    site, out = dh.Site(source), dh.Site(target, positions="last")
+    with pytest.raises(ValueError, match="positions other than 0, 1, ..., n-1"):
+        section.gram_pass(model, [tokens], site, out, forward=moved, progress=False)
+    section.gram_pass(model, [tokens], site, out, progress=False)  # plain positions: fine
+
+
+# -- TransformerBridge around a Hugging Face model ---------------------------------------------
+HF_ROTARY = {  # name: (config class, model class, config overrides)
+    # grouped-query attention, RMSNorm, YaRN tables (rescaled, cos and sin times a factor)
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2,
+        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4},
+    )),
+    # partial rotary (half of d_head), a fused QKV projection, LayerNorm
+    "neox-partial": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        rotary_pct=0.5, use_parallel_residual=False
+    )),
+}  # fmt: skip
+
+
+def hf_bridge(config_class: str, model_class: str, **overrides) -> torch.nn.Module:
+    """A perturbed float64 ``TransformerBridge`` around a random Hugging Face model (offline:
+    a word-level tokenizer built here), computing in float64 throughout."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = getattr(transformers, config_class)(
+        vocab_size=D_VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, model_class)(config).double().eval()
+    vocab = {f"t{i}": i for i in range(D_VOCAB)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0")),
+        unk_token="t0",
+        pad_token="t0",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformer_lens.model_bridge import TransformerBridge
+        model = TransformerBridge.boot_transformers(
+            "tiny", hf_model=hf_model, tokenizer=tokenizer, dtype=torch.float64
+        )
 
-        bridge = TransformerBridge.boot_native(config, dtype=torch.float64)
-    with pytest.raises(ValueError, match="no rotary_cos/rotary_sin tables"):
-        attention_section(bridge, 0)
+    # Hugging Face's RMSNorm takes its variance in float32: in float64 here, so that exact
+    # probes test the closed form at float64 precision.
+    def forward(self, x):
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.forward = forward.__get__(module)
+    return perturbed(model, 3)
+
+
+@pytest.fixture
+def float64_softmax(monkeypatch):
+    """A bridge takes the attention softmax in float32: keep float64 inputs in float64."""
+    softmax = torch.nn.functional.softmax
+
+    def in_float64(input, dim=None, _stacklevel=3, dtype=None):
+        return softmax(input, dim=dim, dtype=None if input.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", in_float64)
+
+
+@pytest.mark.parametrize("name", list(HF_ROTARY))
+def test_rotary_on_a_hugging_face_bridge_equals_exact_probes(name, float64_softmax):
+    """The (cos, sin) the model passes its attention, read in each forward pass, rotate the
+    bridge's unrotated q and k (key heads shared by query heads, part of d_head rotated)."""
+    model = hf_bridge(HF_ROTARY[name][0], HF_ROTARY[name][1], **HF_ROTARY[name][2])
+    tokens = torch.randint(0, D_VOCAB, (6, 7), generator=torch.Generator().manual_seed(5))
+    read = readout(16)
+    for residual in (True, False):
+        source, target = attention_section_sites(model, 1, residual=residual)
+        section = attention_section(model, 1, residual=residual)
+        assert section.rotates and section.rotary_tables[0].endswith("attn.hook_cos")
+        for positions in POSITIONS[:2]:
+            site = dh.Site(source, positions=positions[0])
+            out = dh.Site(target, positions=positions[1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", dh.transformer_lens.ProcessedWeightsWarning)
+                exact = exact_gram(model, tokens, site, out, read)
+            closed = section.gram_pass(model, tokens.split(4), site, out, read, progress=False)
+            torch.testing.assert_close(
+                closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+            )
+
+
+def test_rotary_on_a_hugging_face_bridge_refusals(float64_softmax):
+    """A norm between the q/k projection and the rotation (Qwen3): refused with its name.
+    Samples rotated at different positions (per-sample position_ids): the batch is refused."""
+    qwen3 = hf_bridge("Qwen3Config", "Qwen3ForCausalLM", head_dim=4)
+    with pytest.raises(ValueError, match=r"q_norm.*exact probes"):
+        attention_section(qwen3, 0)
+    model = hf_bridge(*HF_ROTARY["llama-yarn"][:2])
+    tokens = torch.randint(0, D_VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    positions = torch.stack([torch.arange(7), (torch.arange(7) - 2).clamp(min=0)])
+    source, target = attention_section_sites(model, 0)
+    section = attention_section(model, 0)
+    site, out = dh.Site(source), dh.Site(target)
+
+    def moved(model, batch):
+        return model(batch, position_ids=positions)
+
+    with pytest.raises(ValueError, match="positions other than 0, 1, ..., n-1"):
+        section.gram_pass(model, [tokens], site, out, forward=moved, progress=False)
 
 
 def test_build_bases_with_attention_section(plain_model, tokens):
@@ -276,18 +398,19 @@ def test_masked_inputs_give_no_rows(tokens, monkeypatch):
     source, target = attention_section_sites(model, 0, residual=True)
     site, out = dh.Site(source), dh.Site(target)
     section = attention_section(model, 0, residual=True)
+    from degen_hooks.transformer_lens import _attention_gram
+
     seen = []
-    update = dh.SecondMoment.update
+    product = _attention_gram._rows_gram
 
-    def counting(self, x, *args, **kw):
-        seen.append(x.shape[0])
-        return update(self, x, *args, **kw)
+    def counting(rows):
+        seen.append(rows.shape[0])
+        return product(rows)
 
-    monkeypatch.setattr(dh.SecondMoment, "update", counting)
+    monkeypatch.setattr(_attention_gram, "_rows_gram", counting)
     closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
     n_pos = tokens.shape[1]
     assert sum(seen) == tokens.shape[0] * n_pos * (n_pos + 1) // 2 * 3  # (p, j <= p) x r
-    monkeypatch.setattr(dh.SecondMoment, "update", update)
     exact = exact_gram(model, tokens, site, out, readout())
     torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
 
@@ -300,11 +423,15 @@ def test_masked_inputs_give_no_rows(tokens, monkeypatch):
         ([0, 1, 2, 3, 4], [0, 2, 4], [1.0, 2.0, 1.0]),
         ([1, 1, 3], [1, 3], [3.0, 1.0]),
         ([4], [0], [1.0]),
+        ([0, 1, 2], [0, 2], [1.0, 2.0]),  # 3 keys < d_head: the query terms over (h, l)
+        ([1, 1, 2], [1, 2], [3.0, 1.0]),
     ],
 )
 def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weights):
     """The factorised Gram (``_attention_gram``) equals the Gram of the rows, an algebraic
-    identity that holds for any q, k, v and pattern: random ones, masked entries included."""
+    identity that holds for any q, k, v and pattern: random ones, masked entries included.
+    With 5 positions the query terms go through ``E_hp`` (more keys than ``d_head = 4``),
+    with 3 through the (head, key) pairs."""
     from dataclasses import replace
 
     from degen_hooks.transformer_lens._attention_gram import lowrank_gram
@@ -316,7 +443,7 @@ def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weigh
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    b, n_pos, h, e = 3, 5, 2, 4
+    b, n_pos, h, e = 3, 5 if max(inputs + outputs) > 2 else 3, 2, 4
     q, k, v = rand(b, n_pos, h, e), rand(b, n_pos, h, e), rand(b, n_pos, h, e)
     pattern = torch.softmax(rand(b, h, n_pos, n_pos), -1) * (rand(b, h, n_pos, n_pos) > -0.5)
     x, read = rand(b, n_pos, 8), rand(8, 3)
@@ -330,3 +457,58 @@ def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weigh
 
 def build_hooked_or_bridge():
     return tl_model(torch.float64, **{**toy_config(), "n_layers": 1})
+
+
+@pytest.mark.parametrize("norm", [None, "LN"], ids=["nonorm", "LN"])
+@pytest.mark.parametrize("rotary", [False, True], ids=["pieces", "rotary-rows"])
+def test_memory_per_call_is_bounded_in_the_context(tokens, monkeypatch, rotary, norm):
+    """A sample's work is split over its output positions once it exceeds the budget: no
+    call holds more than the budget (beyond one output position of one sample), whatever the
+    context, and the Gram is the same. Before, one sample's P^2 h r temporaries were formed
+    whole (about 2.4 GB a call for a GPT-2-small layer at 128 tokens)."""
+    from degen_hooks.transformer_lens import _attention_gram
+
+    config = {**toy_config("relu", norm), "n_layers": 1}
+    if rotary:
+        config.update(positional_embedding_type="rotary", rotary_dim=4)
+    model = perturbed(tl_model(torch.float64, **config))
+    source, target = attention_section_sites(model, 0, residual=True)
+    site, out = dh.Site(source), dh.Site(target)
+    section = attention_section(model, 0, residual=True)
+    read = readout()
+    whole = section.gram_pass(model, [tokens], site, out, read, progress=False)
+    n_pos, r, d_in = tokens.shape[1], read.shape[1], section.d_in
+    calls = []
+    if rotary:
+        rows = type(section).jacobian_rows
+
+        def recording(self, q, k, v, pattern, readout, inputs, outputs, *args, **kw):
+            calls.append((q.shape[0], len(outputs), len(inputs) * r * d_in))
+            return rows(self, q, k, v, pattern, readout, inputs, outputs, *args, **kw)
+
+        monkeypatch.setattr(type(section), "jacobian_rows", recording)
+    else:
+        block = _attention_gram._add_block
+
+        def recording(s, sums, cross, batch, *args):
+            q, inputs, outputs = batch.q, batch.inputs, args[-2]
+            per_output = q.shape[2] * (len(inputs) + n_pos) * max(r, q.shape[3]) + r * d_in
+            calls.append((q.shape[0], len(outputs), per_output))
+            return block(s, sums, cross, batch, *args)
+
+        monkeypatch.setattr(_attention_gram, "_add_block", recording)
+    budget = 2 * per_output_elements(section, n_pos, r, rotary)
+    monkeypatch.setattr(_attention_gram, "_ELEMENTS", budget)
+    split = section.gram_pass(model, [tokens], site, out, read, progress=False)
+    assert calls and max(n_out for _, n_out, _ in calls) < n_pos  # outputs were split
+    assert all(b * n_out * per <= budget or (b, n_out) == (1, 1) for b, n_out, per in calls)
+    assert sum(n_out for b, n_out, _ in calls if b == 1) >= n_pos  # every output visited
+    assert split.n_samples == whole.n_samples
+    torch.testing.assert_close(split.second_moment(), whole.second_moment(), rtol=1e-12, atol=0)
+
+
+def per_output_elements(section, n_pos: int, r: int, rotary: bool) -> int:
+    """The elements one output position of one sample costs (as the section counts them)."""
+    if rotary:
+        return n_pos * r * section.d_in
+    return section.w_q.shape[0] * 2 * n_pos * max(r, section.w_q.shape[2]) + r * section.d_in

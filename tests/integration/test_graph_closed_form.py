@@ -19,7 +19,8 @@ from degen_hooks.transformer_lens import attention_section, mlp_section, mlp_sec
 from tests.cases import tl_model
 from tests.unit.test_graph_closed_form import peak_torch_bytes
 
-from .conftest import D_VOCAB, N_CTX, hook_state, perturbed, requires_hooked, toy_config, warmed_up
+from .conftest import D_VOCAB, N_CTX, hook_state, requires_hooked, toy_config, warmed_up
+from .test_attention_section import HF_ROTARY, float64_softmax, hf_bridge, rotary_model  # noqa: F401
 
 RTOL = 1e-10
 RULES = {
@@ -130,11 +131,10 @@ def test_norms_before_attention_and_mlp(build, family, batches, norm, rule):
         assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
 
 
-@requires_hooked
 @pytest.mark.parametrize("norm", [None, "LN"], ids=["nonorm", "LN"])
-def test_rotary_attention(batches, norm):
-    config = {**toy_config("gelu", norm), "positional_embedding_type": "rotary", "rotary_dim": 4}
-    model = perturbed(tl_model(**config))
+def test_rotary_attention(family, batches, norm):
+    """A bridge's section rotates its unrotated q and k itself (native tables)."""
+    model = rotary_model(family, **toy_config("gelu", norm))
     sites = [
         dh.Site("blocks.1.hook_resid_pre"),
         dh.Site("blocks.1.hook_resid_mid", positions=[1, 3]),
@@ -142,6 +142,22 @@ def test_rotary_attention(batches, norm):
     basis = dh.build_bases(model, sites, batches, output_positions=[1, 3], progress=False)
     for rule in RULES.values():
         graph = assert_same_graph(model, basis, batches, rule, progress=False)
+        assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
+
+
+def test_rotary_attention_on_a_hugging_face_bridge(float64_softmax):  # noqa: F811
+    """The (cos, sin) a Hugging Face model passes its attention are read in the edges' pass."""
+    config_class, model_class, overrides = HF_ROTARY["llama-yarn"]
+    model = hf_bridge(config_class, model_class, **overrides)
+    tokens = torch.randint(0, D_VOCAB, (10, 7), generator=torch.Generator().manual_seed(3))
+    batches = list(tokens.split(4))
+    sites = [
+        dh.Site("blocks.1.hook_resid_pre"),
+        dh.Site("blocks.1.hook_resid_mid", positions=[1, 3]),
+    ]
+    basis = quiet(dh.build_bases, model, sites, batches, output_positions=[1, 3], progress=False)
+    for rule in RULES.values():
+        graph = quiet(assert_same_graph, model, basis, batches, rule, progress=False)
         assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
 
 

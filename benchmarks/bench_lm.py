@@ -26,7 +26,11 @@ Reported, measured in the same run:
 * against a **per-feature reference** (one ``torch.autograd.grad`` per output position and
   read-out feature, dense per-sample buffers, as ``bench_build`` writes it) on the last
   block's sites, the ones it can finish: the same Grams (max relative difference) and the
-  speedup per site. Target: at least 100x;
+  speedup per site. Target: at least 100x. The reference's cost grows with the context (one
+  pass per position and feature, each through every position) and ours does not, so the
+  attention, MLP-input and ``W_out`` sites are compared on one sequence of ``LONG_CONTEXT``
+  tokens (a language model's context, read out by the build's bases); the unembedding (a
+  thousand features) on the build's tokens;
 * **peak memory flat in the number of tokens**: the peak RSS increase of a 2-layer build in
   fresh processes with 4x more tokens.
 
@@ -62,6 +66,7 @@ REFERENCE_SPEEDUP = 100.0
 MEMORY_GROWTH = 1.25
 MEMORY_SLACK_MIB = 16  # the allocator's noise floor
 D_VOCAB = 1000
+LONG_CONTEXT = 128
 
 
 def gpt2_shaped(n_layers: int, n_ctx: int, d_vocab: int = D_VOCAB) -> nn.Module:
@@ -162,8 +167,8 @@ def _rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # -- the benchmarks ---------------------------------------------------------------------------
 def bench_build(
-    name: str, model: nn.Module, batches: Sequence[torch.Tensor], reference_sites: bool
-) -> list[dict[str, Any]]:
+    name: str, model: nn.Module, batches: Sequence[torch.Tensor]
+) -> tuple[list[dict[str, Any]], dh.InteractionBasis]:
     n_tokens = sum(b.numel() for b in batches)
     n_layers = model.cfg.n_layers
     build(model, batches[:1])  # warm-up: lazy initialisation
@@ -194,19 +199,23 @@ def bench_build(
             ),
         }
     ]
-    if reference_sites:
-        rows += bench_reference(name, model, batches, basis)
-    return rows
+    return rows, basis
 
 
 def bench_reference(
-    name: str, model: nn.Module, batches: Sequence[torch.Tensor], basis: dh.InteractionBasis
+    name: str,
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    basis: dh.InteractionBasis,
+    which: slice = slice(None),
 ) -> list[dict[str, Any]]:
     """The last block's Grams against the per-feature reference, with the build's readouts.
 
     Both sides compute the Gram alone (the basis' eigendecompositions are left out): ours
     through the section ``sections="auto"`` finds (its forward pass, or no data for a linear
-    section), the reference through its backward passes.
+    section), the reference through its backward passes. ``which``: the pairs compared
+    (attention, MLP input, ``W_out``, unembedding), on ``batches`` of ``model`` (the shape the
+    basis was built for).
     """
     from degen_hooks.transformer_lens import find_sections
 
@@ -221,7 +230,7 @@ def bench_reference(
     sites = [dh.Site(site) for site, _ in pairs]
     sections = find_sections(model, sites)
     rows = []
-    for site, target in pairs:
+    for site, target in pairs[which]:
         d_vocab = model.cfg.d_vocab
         readout = basis.rotations_[target] if target else torch.eye(d_vocab, dtype=F64)
         if site not in sections:  # e.g. rotary attention on a TransformerLens 4 bridge
@@ -251,7 +260,8 @@ def bench_reference(
                 "target": f"speedup >= {REFERENCE_SPEEDUP:g}, same Gram (rel 1e-10)",
                 "met": speedup >= REFERENCE_SPEEDUP and diff <= 1e-10,
                 "note": f"{type(section).__name__}, {readout.shape[1]} read-out features, "
-                f"{sum(b.numel() for b in batches)} tokens; max rel diff {diff:.1e}",
+                f"{sum(b.numel() for b in batches)} tokens ({len(batches)} x "
+                f"{tuple(batches[0].shape)}); max rel diff {diff:.1e}",
             }
         )
     return rows
@@ -309,10 +319,18 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, d_vocab, (n_seq, n_ctx), generator=gen)
     batches = list(tokens.split(8))
-    gpt2 = gpt2_shaped(n_layers, n_ctx, d_vocab)
-    rows = bench_build("GPT-2-small-shaped", gpt2, batches, True)
-    llama = llama_shaped(1 if quick else 4, n_ctx, d_vocab)
-    rows += bench_build("Llama-shaped", llama, batches, True)
+    long_context = 16 if quick else LONG_CONTEXT
+    long = [torch.randint(0, d_vocab, (1, long_context), generator=gen)]
+    rows: list[dict[str, Any]] = []
+    for name, shaped, depth in (
+        ("GPT-2-small-shaped", gpt2_shaped, n_layers),
+        ("Llama-shaped", llama_shaped, 1 if quick else 4),
+    ):
+        built, basis = bench_build(name, shaped(depth, n_ctx, d_vocab), batches)
+        rows += built
+        at_length = shaped(depth, long_context, d_vocab)  # the same shapes, a longer context
+        rows += bench_reference(name, at_length, long, basis, slice(0, 3))
+        rows += bench_reference(name, shaped(depth, n_ctx, d_vocab), batches, basis, slice(3, 4))
     return rows + bench_memory()
 
 

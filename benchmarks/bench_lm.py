@@ -48,6 +48,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -118,11 +119,19 @@ def float64_rate(size: int = 1024, repeats: int = 5) -> float:
 
 
 def float64_matmul_flops(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
-    """The matrix-product FLOPs one build executes (``torch.utils.flop_counter``; the model
-    and every statistic are float64, so all of them are float64 products)."""
+    """The matrix-product FLOPs one build executes (``torch.utils.flop_counter``, the in-place
+    products of the accumulators included; the model and every statistic are float64, so
+    all of them are float64 products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    def products(_out: Any, left: Sequence[int], right: Sequence[int], *_: Any, **__: Any) -> int:
+        return 2 * math.prod(left) * right[-1]  # (..., m, k) @ (..., k, n)
+
+    # The in-place products (the accumulators' addmm_, baddbmm_) are not in torch's registry.
+    aten = torch.ops.aten
+    counter = FlopCounterMode(
+        display=False, custom_mapping={aten.addmm_: products, aten.baddbmm_: products}
+    )
     with counter:
         build(model, batches)
     return float(counter.get_total_flops())

@@ -99,6 +99,16 @@ class Site:
                 f"Site.positions must be None, 'last', an int, a slice, a sequence of ints "
                 f"or a boolean tensor, got {self.positions!r}."
             )
+        positions = self.positions
+        empty = isinstance(positions, (list, tuple)) and len(positions) == 0
+        if isinstance(positions, torch.Tensor) and positions.dtype != torch.bool:
+            empty = positions.numel() == 0
+        if empty:
+            raise ValueError(
+                f"Site {self.name!r}: positions={positions!r} keeps no position, so the site "
+                "has no samples. Use positions=None for every position, 'last', or a "
+                "non-empty list of positions."
+            )
         if self.arg is not None and self.io != "input":
             raise ValueError(
                 f"Site.arg={self.arg!r} names an input argument: use it with io='input' (for "

@@ -329,3 +329,11 @@ def test_build_bases_ignores_empty_batches():
             padded.rotations_[key], plain.rotations_[key], rtol=1e-9, atol=1e-12
         )
         assert padded.stats_[key].acts.n_samples == plain.stats_[key].acts.n_samples
+
+
+@pytest.mark.parametrize("empty", [[], (), torch.tensor([], dtype=torch.long)])
+def test_a_site_that_keeps_no_position_is_refused_when_made(empty):
+    """``positions=[]`` keeps nothing: refused at once with what to write instead, not an
+    IndexError from deep inside a pass (the attention section raised one)."""
+    with pytest.raises(ValueError, match=r"keeps no position.*positions=None"):
+        dh.Site("blocks.0.hook_resid_mid", positions=empty)

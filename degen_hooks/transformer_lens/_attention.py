@@ -268,10 +268,8 @@ class AttentionSection(AttentionEdges):
         ``D`` is symmetric, so it acts on the Gram rows from the right.
         """
         centred = self.norm in ("LN", "LNPre")
-        if centred:
-            x = x - x.mean(-1, keepdim=True)
-        sigma = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (b, K, 1)
-        normalized = (x / sigma)[:, None, :, None, :]  # (b, 1, K, 1, d_in)
+        normed, sigma = self._norm_of(x)  # (b, K, d_in), (b, K, 1)
+        normalized = normed[:, None, :, None, :]  # (b, 1, K, 1, d_in)
         if centred:
             rows -= rows.mean(-1, keepdim=True)
         dots = (rows * normalized).sum(-1, keepdim=True)

@@ -202,11 +202,16 @@ class AttentionEdges:
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         """The norm's output before its gain (``x`` itself without a norm)."""
-        if self.norm is None:
-            return x
+        return x if self.norm is None else self._norm_of(x)[0]
+
+    def _norm_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A section with a norm: its output before the gain, ``n = c / sigma``, and
+        ``sigma = sqrt(mean(c^2) + eps)`` (``(..., 1)``), ``c`` the input (centred for a
+        LayerNorm)."""
         if self.norm in ("LN", "LNPre"):
             x = x - x.mean(-1, keepdim=True)
-        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        sigma = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return x / sigma, sigma
 
     def _moved(
         self,

@@ -105,8 +105,8 @@ def accumulate(
     else:
         per_output = max(n_in * r * d_in, n_heads * n_pos * d_head)
         blocks = list(_blocks(v.shape[0], n_out, per_output))
-        size = max(len(range(*p.indices(v.shape[0]))) * len(range(*b.indices(n_out)))
-                   for p, b in blocks) * n_in * r * d_in  # fmt: skip
+        part, block = blocks[0]  # the largest block: the others hold as many or fewer
+        size = q[part].shape[0] * len(outputs[block]) * n_in * r * d_in
         buffer = scratch.get("rows")
         if buffer is None or buffer.numel() < size or buffer.device != device:
             buffer = scratch["rows"] = torch.empty(size, dtype=f64, device=device)
@@ -269,11 +269,7 @@ class _Batch:
         if s.norm is None:
             omega = torch.ones(n, n_in, dtype=q.dtype, device=q.device)
             return cls(q, k, v, pattern, inputs, omega)
-        xi = x[:, inputs]  # type: ignore[index]
-        if s.norm in ("LN", "LNPre"):
-            xi = xi - xi.mean(-1, keepdim=True)
-        sigma = (xi.pow(2).mean(-1, keepdim=True) + s.eps).sqrt()
-        normed = xi / sigma
+        normed, sigma = s._norm_of(x[:, inputs])  # type: ignore[index]
         nu = torch.einsum("hdr,bkd->bkhr", vw, normed)
         return cls(
             q, k, v, pattern, inputs, sigma[..., 0].reciprocal().square(), normed, sigma, nu,

@@ -335,11 +335,12 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
         ("GPT-2-small-shaped", gpt2_shaped, n_layers),
         ("Llama-shaped", llama_shaped, 1 if quick else 4),
     ):
-        built, basis = bench_build(name, shaped(depth, n_ctx, d_vocab), batches)
+        model = shaped(depth, n_ctx, d_vocab)
+        built, basis = bench_build(name, model, batches)
         rows += built
         at_length = shaped(depth, long_context, d_vocab)  # the same shapes, a longer context
         rows += bench_reference(name, at_length, long, basis, slice(0, 3))
-        rows += bench_reference(name, shaped(depth, n_ctx, d_vocab), batches, basis, slice(3, 4))
+        rows += bench_reference(name, model, batches, basis, slice(3, 4))
     return rows + bench_memory()
 
 

@@ -17,9 +17,10 @@ one forward pass, so masks, biases, ALiBi and shortformer position embeddings (c
 ``x``) need no special case. Read out through ``R``, every (output position, feature) pair
 gives one row ``R^T (dy_p/dx_j)^T`` per input sample (as exact probes do), and the rows'
 Gram is one matrix product: the Gram batched exact probes produce, at a fraction of the
-cost (one forward pass instead of one backward pass per probe). Without rotary embeddings
-the Gram is taken from its pieces instead (``_attention_gram``: the rows of every (output,
-input) pair are never formed, only those where the input is the output).
+cost (one forward pass instead of one backward pass per probe). ``gram_pass`` takes the
+Gram from its pieces instead (``_attention_gram``, rotary embeddings included: the rows of
+every (output, input) pair are never formed, only those where the input is the output).
+:meth:`AttentionSection.jacobian_rows` keeps the rows (the edges and the tests use them).
 
 A LayerNorm or RMSNorm before attention multiplies every attention term by its Jacobian
 ``D_j = (P - n_j^T n_j / d) / sigma_j`` (``n_j`` the normalized input, ``P`` the centring
@@ -324,7 +325,6 @@ class AttentionSection(AttentionEdges):
             )
         gram = SecondMoment()
         captured: dict[str, torch.Tensor] = {}
-        scratch: dict[str, torch.Tensor] = {}  # the rows buffer, reused across batches
         modules = site_modules(_unwrap(model)[0])
         call = forward or (lambda model, batch: model(batch))
         with ExitStack() as stack:
@@ -345,7 +345,7 @@ class AttentionSection(AttentionEdges):
                 captured.clear()
                 with torch.no_grad():
                     call(model, batch)
-                self._update(gram, captured, readout, site, target, scratch)
+                self._update(gram, captured, readout, site, target)
         return gram
 
     def _update(
@@ -355,7 +355,6 @@ class AttentionSection(AttentionEdges):
         readout: torch.Tensor,
         site: Site,
         target: Site,
-        scratch: dict[str, torch.Tensor],
     ) -> None:
         missing = [name for name in self._captures if name not in captured]
         if missing:
@@ -376,7 +375,7 @@ class AttentionSection(AttentionEdges):
         n_pos = v.shape[1]
         inputs = _positions(site, n_pos, q.device)
         outputs, weights = _positions(target, n_pos, q.device).unique(return_counts=True)
-        accumulate(section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights, scratch)
+        accumulate(section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights)
 
 
 def unprefixed(site: Site, prefix: str) -> str:

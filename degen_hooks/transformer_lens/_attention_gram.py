@@ -1,11 +1,11 @@
 """The attention Jacobian Gram of a batch, without one row per (output, input, feature) (#16).
 
-Part of :mod:`degen_hooks.transformer_lens`. :func:`accumulate` adds a batch's Gram in blocks
-of samples and output positions whose temporaries stay within ``_ELEMENTS`` (beyond one
-output position of one sample), whatever the context: from its pieces (:func:`lowrank_gram`)
-or, with rotary embeddings, from the section's rows. In the notation of ``_attention``'s module
-docstring (row convention, readout ``R``, ``g_hpj = (v_hj - z_hp) W_O^h R``, ``key_hp =
-W_K^h q_hp / scale``), the read-out Jacobian of output ``p`` with respect to input ``j`` is
+Part of :mod:`degen_hooks.transformer_lens`. :func:`accumulate` adds a batch's Gram from its
+pieces (:func:`lowrank_gram`), in blocks of samples and output positions whose temporaries
+stay within ``_ELEMENTS`` (beyond one output position of one sample), whatever the context. In
+the notation of ``_attention``'s module docstring (row convention, readout ``R``, ``g_hpj =
+(v_hj - z_hp) W_O^h R``, ``key_hp = W_K^h q_hp / scale``), the read-out Jacobian of output ``p``
+with respect to input ``j`` is
 
     F_pj = F0_pj + [p = j] (Q_p + R^T),   F0_pj = sum_h A_hpj ((W_V^h W_O^h R)^T + g_hpj key_hp^T),
 
@@ -29,8 +29,30 @@ sample. With ``V_h = W_V^h W_O^h R`` (``d x r``) and per-input weights ``omega_b
 Everything but the pairs ``p = j`` and the norm's vectors is a sum over (sample, output)
 blocks of small pieces (``c``, ``N``, ``S``), multiplied by ``V_h`` once per batch; the norm's
 vectors ``y_bj`` once per sample. The cost per sample is about ``P r d (d + H^2)`` instead of
-``P K r d^2``: the saving grows with the context (``K`` inputs). Rotary embeddings rotate the
-keys by input position, which this factorisation does not take: they keep the rows.
+``P K r d^2``: the saving grows with the context (``K`` inputs).
+
+Rotary embeddings (``q_hp = M_p qt_hp``, ``k_hl = M_l kt_hl``, ``qt`` and ``kt`` affine in the
+input, the scores made of the rotated vectors) change the scores' derivatives only: the key
+term becomes ``key_hpj = W_K^h u_hpj``, ``u_hpj = M_j^T q_hp / scale``, which depends on the
+input ``j``, and the query term ``W_Q^h M_p^T k_hl / scale``, so ``E_hp`` gets ``M_p`` on the
+right (fixed for the output ``p``). ``M_j^T y = cos_j y - F(sin_j y)`` (``F`` the signed pair
+flip) is linear in the tables, which carries the sums over ``j``
+(``_attention_gram_rotary``). With ``c_hgpj = w_p omega_bj A_hpj A_gpj`` and ``g_gpj = vo_gj -
+zo_gp`` (``vo_gj = v_gj W_O^g R``, ``zo_gp = z_gp W_O^g R``):
+
+* ``T = sum_hg V_h N_hg W_K^g^T``, ``N_hg = sum_bpj c_hgpj g_gpj u_gpj^T`` (``r x d_head``) =
+  ``sum_j vo_gj (M_j^T Qbar_hgj)^T / scale - sum_p zo_gp (sum_j c_hgpj M_j^T q_gp)^T / scale``,
+  ``Qbar_hgj = sum_p c_hgpj q_gp`` summed over a sample's output blocks first, and ``sum_j
+  c_hgpj M_j^T`` the rotation with the weighted tables ``sum_j c_hgpj (cos_j, sin_j)``:
+  ``H^2 d_head (3 P K + K r + P r)`` per sample, not ``H^2 P K r d_head``;
+* the keys' term is ``sum_GG' W_K^G S_GG' W_K^G'^T``, ``S_GG' = sum_bpj sum_{h in G, g in G'}
+  s_hgpj u_hpj u_gpj^T`` (``s_hgpj = c_hgpj g_hpj . g_gpj``), ``G`` the groups of query heads
+  that share ``W_K`` (grouped-query attention; one head each otherwise): ``P K H H_kv
+  d_head^2`` per sample;
+* after a norm, ``key_hpj . n_bj = q_hp . (M_j W_K^h^T n_bj) / scale``, and the keys' part
+  of ``y_bj``, ``sum_h W_K^h M_j^T (sum_p kappa_hpj q_hp) / scale``, is summed as
+  ``d_head``-vectors per (input, head) and multiplied by ``W_K`` once per sample;
+* the pairs ``p = j`` take ``key_hpp = W_K^h M_p^T q_hp / scale`` (the unrotated query).
 """
 
 from __future__ import annotations
@@ -43,6 +65,7 @@ from typing import Any
 import torch
 
 from ..accumulators import SecondMoment
+from . import _attention_gram_rotary as _rotary
 
 __all__ = ["accumulate", "lowrank_gram"]
 
@@ -75,9 +98,8 @@ def accumulate(
     inputs: torch.Tensor,
     outputs: torch.Tensor,
     weights: torch.Tensor,
-    scratch: dict[str, torch.Tensor],
 ) -> None:
-    """Add one batch's Jacobian Gram to ``gram`` (merged once, after every block).
+    """Add one batch's Jacobian Gram to ``gram``, from its pieces (:func:`lowrank_gram`).
 
     Args:
         section: The :class:`~degen_hooks.transformer_lens.AttentionSection` (its ``rotary``
@@ -88,46 +110,15 @@ def accumulate(
         readout: ``R``, ``(d_out, r)``.
         inputs: Input positions (the samples); ``outputs``: distinct output positions, each
             probed ``weights`` times.
-        scratch: Buffers kept across batches (the rows).
     """
     f64 = torch.float64
-    n_heads, d_head = section.w_q.shape[0], section.w_q.shape[2]
-    d_in, n_pos, device = section.d_in, v.shape[1], q.device
-    readout, weights = readout.to(device, f64), weights.to(f64)
-    r, n_in, n_out = readout.shape[1], len(inputs), len(outputs)
-    n_samples = v.shape[0] * n_in
-    total = torch.zeros(d_in, d_in, dtype=f64, device=device)
-    if r == 0:  # the next site kept no feature: no probe, a zero Gram
-        gram.merge(SecondMoment.from_matrix(total, n_samples))
-        return
-    if section.rotary is None:  # the Gram from its pieces, not one row per probe
-        total += lowrank_gram(section, q, k, v, pattern, readout, inputs, outputs, weights, x)
+    readout, weights = readout.to(q.device, f64), weights.to(f64)
+    n_samples = v.shape[0] * len(inputs)
+    if readout.shape[1] == 0:  # the next site kept no feature: no probe, a zero Gram
+        total = torch.zeros(section.d_in, section.d_in, dtype=f64, device=q.device)
     else:
-        per_output = max(n_in * r * d_in, n_heads * n_pos * d_head)
-        blocks = list(_blocks(v.shape[0], n_out, per_output))
-        part, block = blocks[0]  # the largest block: the others hold as many or fewer
-        size = q[part].shape[0] * len(outputs[block]) * n_in * r * d_in
-        buffer = scratch.get("rows")
-        if buffer is None or buffer.numel() < size or buffer.device != device:
-            buffer = scratch["rows"] = torch.empty(size, dtype=f64, device=device)
-        diagonal = outputs[:, None] == inputs[None, :]  # (P, K): skip and query terms
-        for part, block in blocks:
-            rows = section.jacobian_rows(
-                q[part], k[part], v[part], pattern[part], readout, inputs, outputs[block],
-                weights[block], buffer, None if x is None else x[part],
-            )  # fmt: skip
-            # An input no head of any sample attends to from an output (a causal mask's
-            # future keys) gives exact zero rows there: leave them out of the product.
-            seen = pattern[part][:, :, outputs[block]][..., inputs] != 0  # (b, h, P, K)
-            live = seen.flatten(0, 1).any(0) | diagonal[block]
-            used = (rows if bool(live.all()) else rows[:, live]).reshape(-1, d_in)
-            total += _rows_gram(used)
+        total = lowrank_gram(section, q, k, v, pattern, readout, inputs, outputs, weights, x)
     gram.merge(SecondMoment.from_matrix((total + total.T) / (2 * n_samples), n_samples))
-
-
-def _rows_gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows^T rows`` of a block's Gram rows ``(n, d_in)``."""
-    return rows.T @ rows
 
 
 def lowrank_gram(
@@ -144,8 +135,8 @@ def lowrank_gram(
 ) -> torch.Tensor:
     """``sum_{b,j} sum_p w_p (F_pj D_j)^T (F_pj D_j)`` of one batch, ``(d_in, d_in)``.
 
-    Args as :meth:`AttentionSection.jacobian_rows` (``x`` needed with a norm); the section
-    has no rotary embedding. Works in :func:`_blocks` of samples and output positions.
+    Args as :meth:`AttentionSection.jacobian_rows` (``x`` needed with a norm; ``q`` and ``k``
+    rotated with rotary embeddings). Works in :func:`_blocks` of samples and output positions.
     """
     s: Any = section
     if s.norm is not None and x is None:
@@ -155,24 +146,36 @@ def lowrank_gram(
     sums = {name: q.new_zeros(d, d) for name in ("key", "pairs", "ny", "quad")}
     sums["c"] = q.new_zeros(layer.n_heads, layer.n_heads)  # sum w omega A_h A_h'
     cross = _Cross(layer.vw_rows)
-    r, d_head = readout.shape[1], layer.wor.shape[1]
-    per_output = layer.n_heads * (len(inputs) + v.shape[1]) * max(r, d_head) + r * d
+    r, d_head, n_in, n_pos = readout.shape[1], layer.wor.shape[1], len(inputs), v.shape[1]
+    per_output = layer.n_heads * (n_in + n_pos) * max(r, d_head) + r * d
+    if layer.turn is not None:
+        n_groups = layer.n_heads // layer.group
+        sums["n"] = q.new_zeros(layer.n_heads, layer.n_heads, r, d_head)
+        sums["s"] = q.new_zeros(n_groups, d_head, n_groups, d_head)
+        per_output = _rotary.per_output(layer.n_heads, n_in, n_pos, r, d_head, d)
     parts = groupby(_blocks(q.shape[0], len(outputs), per_output), key=lambda pb: pb[0])
     for part, blocks in parts:
-        batch = _Batch.of(s, q[part], k[part], v[part], pattern[part], inputs, layer.vw,
+        batch = _Batch.of(s, q[part], k[part], v[part], pattern[part], inputs, layer,
                           None if x is None else x[part])  # fmt: skip
         for _, block in blocks:
             _add_block(s, sums, cross, batch, layer, outputs[block], weights[block].to(q.dtype))
+        if batch.turned is not None:
+            _rotary.finish_batch(sums, batch, layer)
         if batch.normed is not None:  # y_bj = M0_bj n_bj, once per sample
-            y = torch.einsum("hdr,bkhr->bkd", layer.vw, batch.psi) + batch.y_key
+            y_key = batch.y_key if batch.turned is None else batch.turned.key_vectors(layer)
+            n_b, n_k = batch.psi.shape[:2]
+            y = (batch.psi.reshape(n_b * n_k, -1) @ layer.vw_rows).view(n_b, n_k, d) + y_key
             sums["ny"] += torch.einsum("bk,bkd,bke->de", batch.omega, y, batch.normed)
             sums["quad"] += torch.einsum(
                 "bk,bkd,bke->de", batch.omega * batch.quad, batch.normed, batch.normed
             )
-    vw = layer.vw
-    gram = torch.einsum("hdr,her->de", vw, torch.einsum("hg,ger->her", sums["c"], vw))
-    t_sum = cross.total()
-    gram = gram + t_sum + t_sum.T + sums["key"]
+    rows = layer.vw_rows  # sum_hg c_hg V_h V_g^T = V^T (c x I_r) V, V the stacked V_h^T
+    gram = rows.T @ (sums["c"] @ rows.view(layer.n_heads, -1)).view(rows.shape)
+    if layer.turn is None:
+        t_sum, keys = cross.total(), sums["key"]
+    else:
+        t_sum, keys = _rotary.finish(sums, layer)
+    gram = gram + t_sum + t_sum.T + keys
     if s.norm is not None:  # sum D M0 D from S = sum omega M0 and the vector terms
         ny = sums["ny"]
         if s.norm in ("LN", "LNPre"):
@@ -194,6 +197,8 @@ class _Layer:
     wq_rows: torch.Tensor  # W_Q^h^T / scale stacked: (h e, d)
     readout_t: torch.Tensor  # R^T, contiguous: (r, d)
     scale: float
+    turn: _rotary.Turn | None = None  # the rotary embedding, on d_head vectors
+    group: int = 1  # consecutive query heads sharing W_K^h (grouped-query attention)
 
     @property
     def n_heads(self) -> int:
@@ -204,6 +209,7 @@ class _Layer:
         w_q, w_k, w_v, w_o = (t.to(device) for t in (s.w_q, s.w_k, s.w_v, s.w_o))
         wor = torch.einsum("hed,dr->her", w_o, readout)
         vw = torch.einsum("hie,her->hir", w_v, wor)
+        rotary = s.rotary
         return cls(
             w_k=w_k,
             wor=wor,
@@ -212,6 +218,8 @@ class _Layer:
             wq_rows=(w_q.transpose(1, 2) / s.scale).reshape(-1, w_q.shape[1]),
             readout_t=readout.T.contiguous(),
             scale=s.scale,
+            turn=None if rotary is None else _rotary.Turn.of(rotary, w_q.shape[2], device),
+            group=1 if rotary is None else _rotary.group_size(w_k),
         )
 
 
@@ -246,7 +254,7 @@ class _Cross:
 @dataclass
 class _Batch:
     """What a sample chunk's blocks share: its tensors, the norm at its inputs, and the
-    norm's vector sums over the output blocks."""
+    norm's vector sums over the output blocks (and the rotary pieces' per-sample sums)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -260,21 +268,26 @@ class _Batch:
     psi: torch.Tensor | None = None  # sum_p A_hpj w_p phi_bpj: (b, K, h, r)
     y_key: torch.Tensor | None = None  # the keys' part of y: (b, K, d)
     quad: torch.Tensor | None = None  # n^T M0 n: (b, K)
+    turned: _rotary.RotaryBatch | None = None  # with rotary embeddings
 
     @classmethod
     def of(cls, s: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           pattern: torch.Tensor, inputs: torch.Tensor, vw: torch.Tensor,
+           pattern: torch.Tensor, inputs: torch.Tensor, layer: _Layer,
            x: torch.Tensor | None) -> _Batch:  # fmt: skip
         n, n_in = q.shape[0], len(inputs)
         if s.norm is None:
             omega = torch.ones(n, n_in, dtype=q.dtype, device=q.device)
-            return cls(q, k, v, pattern, inputs, omega)
-        normed, sigma = s._norm_of(x[:, inputs])  # type: ignore[index]
-        nu = torch.einsum("hdr,bkd->bkhr", vw, normed)
-        return cls(
-            q, k, v, pattern, inputs, sigma[..., 0].reciprocal().square(), normed, sigma, nu,
-            torch.zeros_like(nu), torch.zeros_like(normed), q.new_zeros(n, n_in),
-        )  # fmt: skip
+            batch = cls(q, k, v, pattern, inputs, omega)
+        else:
+            normed, sigma = s._norm_of(x[:, inputs])  # type: ignore[index]
+            nu = (normed.reshape(n * n_in, -1) @ layer.vw_rows.T).view(n, n_in, layer.n_heads, -1)
+            batch = cls(
+                q, k, v, pattern, inputs, sigma[..., 0].reciprocal().square(), normed, sigma,
+                nu, torch.zeros_like(nu), torch.zeros_like(normed), q.new_zeros(n, n_in),
+            )  # fmt: skip
+        if layer.turn is not None:
+            batch.turned = _rotary.RotaryBatch.of(layer, v, inputs, batch.normed)
+        return batch
 
 
 def _add_block(
@@ -291,37 +304,68 @@ def _add_block(
     rows_p = batch.pattern[:, :, outputs]  # (b, h, P, L)
     a = rows_p[..., inputs]  # (b, h, P, K)
     z = torch.einsum("bhpl,blhe->bhpe", rows_p, v)
-    spread = v[:, inputs].permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b,h,P,K,e)
-    g = torch.einsum("bhpke,her->bhpkr", spread, layer.wor)  # g_hpj without A
-    key = torch.einsum("hie,bphe->bphi", layer.w_k, batch.q[:, outputs]) / layer.scale
+    q = batch.q[:, outputs]  # (b, P, h, e)
     wa = a * weights[None, None, :, None] * batch.omega[:, None, None, :]  # w_p omega A_hpj
     sums["c"] += torch.einsum("bhpk,bgpk->hg", wa, a)
     waa = wa[:, :, None] * a[:, None]  # w omega A_hpj A_gpj: (b, h, g, P, K)
-    # T + T^T with T = sum_h V_h N_h: U_bpg = sum_h V_h (sum_j waa g_g), then U^T key.
-    m_tilde = torch.einsum("bhgpk,bgpkr->bpghr", waa, g)  # (b, P, g, h, r)
-    cross.add(m_tilde.reshape(-1, layer.vw_rows.shape[0]), key.reshape(-1, key.shape[-1]))
-    gg = torch.einsum("bhpkr,bgpkr->bpkhg", g, g)
-    s_bp = torch.einsum("bhgpk,bpkhg->bphg", waa, gg)
-    sums["key"] += torch.einsum("bphd,bphe->de", key, torch.einsum("bphg,bpge->bphe", s_bp, key))
-    if batch.normed is not None:  # phi_bpj = F0_pj n_bj: (b, P, K, r)
-        kn = torch.einsum("bphd,bkd->bhpk", key, batch.normed)
-        phi = torch.einsum("bhpk,bkhr->bpkr", a, batch.nu)
-        phi += torch.einsum("bhpk,bhpkr->bpkr", a * kn, g)
-        wphi = phi * weights[None, :, None, None]
-        batch.psi += torch.einsum("bhpk,bpkr->bkhr", a, wphi)  # type: ignore[operator]
-        kappa = a * torch.einsum("bhpkr,bpkr->bhpk", g, wphi)
-        batch.y_key += torch.einsum("bhpk,bphd->bkd", kappa, key)  # type: ignore[operator]
-        batch.quad += (wphi * phi).sum((1, 3))  # type: ignore[operator]
-    sums["pairs"] += _diagonal(s, batch, layer, a, g, key, rows_p, z, outputs, weights)
+    pairs = (outputs[:, None] == inputs[None, :]).nonzero()  # (n, 2): (p, j) indices
+    p_idx, j_idx = pairs[:, 0], pairs[:, 1]
+    if layer.turn is None:
+        spread = v[:, inputs].permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b,h,P,K,e)
+        g = torch.einsum("bhpke,her->bpkhr", spread, layer.wor)  # g_hpj without A
+        key = torch.einsum("hie,bphe->bphi", layer.w_k, q) / layer.scale
+        # T + T^T with T = sum_h V_h N_h: U_bpg = sum_h V_h (sum_j waa g_g), then U^T key.
+        m_tilde = torch.einsum("bhgpk,bpkgr->bpghr", waa, g)  # (b, P, g, h, r)
+        cross.add(m_tilde.reshape(-1, layer.vw_rows.shape[0]), key.reshape(-1, key.shape[-1]))
+        s_bp = torch.einsum("bhgpk,bpkhg->bphg", waa, g @ g.transpose(-1, -2))
+        sums["key"] += torch.einsum("bphd,bphe->de", key, s_bp @ key)
+        key_pp = key[:, p_idx]
+    else:  # the keys rotated back to each input position
+        g = _rotary.add_keys(sums, batch, layer, waa, rows_p, outputs)
+        cos, sin = layer.turn.at(outputs[p_idx])
+        turned = layer.turn.back(q[:, p_idx], cos[:, None], sin[:, None])  # M_p^T q_hp
+        key_pp = torch.einsum("hie,bnhe->bnhi", layer.w_k, turned) / layer.scale
+    if batch.normed is not None:  # key_hpj . n_bj, then the norm's vectors
+        if batch.turned is None:
+            kn = torch.einsum("bphd,bkd->bhpk", key, batch.normed)
+            kappa = _norm_vectors(batch, a, g, kn, weights)
+            batch.y_key += torch.einsum("bhpk,bphd->bkd", kappa, key)  # type: ignore[operator]
+        else:
+            kn = torch.einsum("bphe,bkhe->bhpk", q, batch.turned.kr)
+            kappa = _norm_vectors(batch, a, g, kn, weights)
+            batch.turned.y_turned += torch.einsum("bhpk,bphe->bkhe", kappa, q)  # type: ignore[operator]
+    if len(pairs):
+        a_pp = a[:, :, p_idx, j_idx].transpose(1, 2)  # (b, n, h)
+        sums["pairs"] += _diagonal(
+            s, batch, layer, pairs, a_pp, g[:, p_idx, j_idx], key_pp, rows_p, z, outputs, weights
+        )
+
+
+def _norm_vectors(
+    batch: _Batch, a: torch.Tensor, g: torch.Tensor, kn: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Add the block's ``psi`` and ``n^T M0 n`` from ``phi_bpj = F0_pj n_bj`` (``(b, P, K,
+    r)``); return ``kappa_hpj = w_p A_hpj g_hpj . phi_bpj``, which the keys' part of ``y``
+    sums. ``g``: ``(b, P, K, h, r)``, ``kn``: ``key_hpj . n_bj`` ``(b, h, P, K)``."""
+    # Contiguous (b, P, K) batches of small products (einsum's strided ones loop per matrix).
+    a_t = a.permute(0, 2, 3, 1).contiguous()  # (b, P, K, h)
+    rows = torch.addcmul(batch.nu[:, None], kn.permute(0, 2, 3, 1)[..., None], g)
+    phi = (a_t[..., None, :] @ rows).squeeze(-2)  # (b, P, K, r)
+    wphi = phi * weights[None, :, None, None]
+    lhs = a.permute(0, 3, 1, 2).contiguous()  # (b, K, h, P)
+    batch.psi += lhs @ wphi.transpose(1, 2).contiguous()  # type: ignore[operator]
+    batch.quad += (wphi * phi).sum((1, 3))  # type: ignore[operator]
+    return a * torch.einsum("bpkhr,bpkr->bhpk", g, wphi)
 
 
 def _diagonal(
     s: Any,
     batch: _Batch,
     layer: _Layer,
-    a: torch.Tensor,
-    g: torch.Tensor,
-    key: torch.Tensor,
+    pairs: torch.Tensor,
+    a_pp: torch.Tensor,
+    g_pp: torch.Tensor,
+    key_pp: torch.Tensor,
     rows_p: torch.Tensor,
     z: torch.Tensor,
     outputs: torch.Tensor,
@@ -330,20 +374,22 @@ def _diagonal(
     """``sum w_p (W^T W - X^T X)`` over the block's pairs where the input is the output, up
     to symmetrization (``Delta^T (2 X + Delta)``, ``W = X + Delta``).
 
+    Args:
+        pairs: ``(n, 2)``: (output, input) indices of the pairs.
+        a_pp, g_pp, key_pp: Their ``A_hpp`` ``(b, n, h)``, ``g_hpp`` ``(b, n, h, r)`` and
+            ``key_hpp`` ``(b, n, h, d)``.
+
     Every ``(b, pair, r, d)`` tensor is formed contiguous (rows over ``d``), by products of
     the :class:`_Layer`'s stacked weights."""
-    pairs = (outputs[:, None] == batch.inputs[None, :]).nonzero()  # (n, 2): (p, j) indices
-    d, n_heads = layer.vw.shape[1], layer.n_heads
-    if len(pairs) == 0:
-        return a.new_zeros(d, d)
     p_idx, j_idx = pairs[:, 0], pairs[:, 1]
-    n, n_pairs, r = a.shape[0], len(pairs), layer.wor.shape[2]
+    d, n_heads = layer.vw.shape[1], layer.n_heads
+    n, n_pairs, r = a_pp.shape[0], len(pairs), layer.wor.shape[2]
     root = weights[p_idx].sqrt()[None, :, None, None]  # (1, n, 1, 1)
-    a_pp = a[:, :, p_idx, j_idx].permute(0, 2, 1)  # (b, n, h)
     x_rows = (a_pp.reshape(-1, n_heads) @ layer.vw_rows.view(n_heads, -1)).view(n, n_pairs, r, d)
-    ag = a_pp[..., None, :] * g[:, :, p_idx, j_idx].permute(0, 2, 3, 1)  # (b, n, r, h)
-    x_rows += ag @ key[:, p_idx]  # (b, n, r, h) @ (b, n, h, d)
-    delta = _query_rows(batch, layer, rows_p[:, :, p_idx].transpose(1, 2), z[:, :, p_idx])
+    ag = (a_pp[..., None] * g_pp).transpose(-1, -2)  # (b, n, r, h)
+    x_rows.view(-1, r, d).baddbmm_(ag.reshape(-1, r, n_heads), key_pp.reshape(-1, n_heads, d))
+    a_rows = rows_p[:, :, p_idx].transpose(1, 2)
+    delta = _query_rows(batch, layer, a_rows, z[:, :, p_idx], outputs[p_idx])
     if batch.normed is not None:  # both through the norm's Jacobian at the input position
         centred = s.norm in ("LN", "LNPre")
         n_j, sigma_j = batch.normed[:, j_idx, None, :], batch.sigma[:, j_idx, None, :]  # type: ignore[index]
@@ -353,16 +399,16 @@ def _diagonal(
             flat = rows.view(-1, r, d)  # rows - (rows n) n^T / d, in place
             flat.baddbmm_(flat @ n_j.reshape(-1, d, 1), n_j.reshape(-1, 1, d), alpha=-1 / d)
             rows /= sigma_j
+    if s.residual:
+        delta += layer.readout_t  # the skip connection bypasses the norm
     x_rows *= root
     delta *= root
-    if s.residual:
-        delta += root * layer.readout_t  # the skip connection bypasses the norm
     flat_delta = delta.reshape(-1, d)
     return flat_delta.T @ x_rows.mul_(2).add_(delta).reshape(-1, d)  # symmetrized at the end
 
 
 def _query_rows(
-    batch: _Batch, layer: _Layer, a_rows: torch.Tensor, z: torch.Tensor
+    batch: _Batch, layer: _Layer, a_rows: torch.Tensor, z: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """The query terms ``Q_p`` of the block's pairs, ``(b, n, r, d)`` contiguous.
 
@@ -370,23 +416,36 @@ def _query_rows(
     is a product over the ``H L`` pairs (head, key). Beyond ``L = d_head`` keys it is taken
     through the heads' ``d_head x d_head`` matrices ``E_hp = sum_l A_hpl (v_hl - z_hp)
     k_hl^T`` instead, ``Q_p = sum_h (W_O^h R)^T E_hp W_Q^h^T / scale``: ``r d d_model`` per
-    position, whatever the context.
+    position, whatever the context. With rotary embeddings ``k_hl`` is rotated back to ``p``
+    (``M_p^T k_hl``), so ``E_hp`` becomes ``E_hp M_p``.
 
     Args:
         batch: The samples; ``layer``: the weights.
         a_rows: The pairs' pattern rows ``A_hpl``, ``(b, n, h, L)``.
         z: The pairs' ``z_hp``, ``(b, h, n, e)``.
+        positions: The pairs' positions ``p``, ``(n,)``.
     """
     n, n_pairs, n_heads, n_keys = a_rows.shape
     d_head, r = layer.wor.shape[1:]
     wq = layer.wq_rows.view(n_heads, d_head, -1)  # W_Q^h^T / scale: (h, e, d)
-    if n_keys < d_head:  # (b, n, r, h L) @ (b, 1, h L, d)
-        query = torch.einsum("blhe,hed->bhld", batch.k, wq).reshape(n, 1, -1, wq.shape[2])
+    turn = layer.turn
+    cos, sin = (None, None) if turn is None else turn.at(positions)  # (n, e)
+    if n_keys < d_head:  # (b, n, r, h L) @ (b, 1 or n, h L, d)
+        if turn is None:
+            query = torch.einsum("blhe,hed->bhld", batch.k, wq).reshape(n, 1, -1, wq.shape[2])
+        else:
+            k_at = turn.back(batch.k[:, None], cos[:, None, None], sin[:, None, None])
+            query = torch.einsum("bnlhe,hed->bnhld", k_at, wq).reshape(n, n_pairs, -1, wq.shape[2])
         spread = batch.v.transpose(1, 2)[:, None] - z.transpose(1, 2)[..., None, :]
         g_all = torch.einsum("bnhle,her->bnrhl", spread * a_rows[..., None], layer.wor)
+        if turn is None:  # the pairs share the query rows: one product per sample
+            return (g_all.reshape(n, n_pairs * r, -1) @ query[:, 0]).view(n, n_pairs, r, -1)
         return g_all.reshape(n, n_pairs, r, -1) @ query
-    v_t, k_t = batch.v.permute(0, 2, 3, 1), batch.k.transpose(1, 2)  # (b,h,e,L), (b,h,L,e)
-    e_hp = (a_rows[..., None, :] * v_t[:, None]) @ k_t[:, None]  # (b, n, h, e, e)
-    e_hp -= z.transpose(1, 2)[..., None] * (a_rows[..., None, :] @ k_t[:, None])
-    g_q = torch.einsum("her,bnhef->bnrhf", layer.wor, e_hp)  # (W_O^h R)^T E_hp
+    a_h, k_t = a_rows.transpose(1, 2).contiguous(), batch.k.transpose(1, 2)  # (b,h,n,L), (b,h,L,e)
+    av = a_h[..., None, :] * batch.v.permute(0, 2, 3, 1)[:, :, None]  # (b, h, n, e, L)
+    e_hp = (av.reshape(n, n_heads, -1, n_keys) @ k_t).view(n, n_heads, n_pairs, d_head, d_head)
+    e_hp -= z[..., None] * (a_h @ k_t)[..., None, :]  # E_hp: (b, h, n, e, e)
+    if turn is not None:  # E_hp M_p: each row rotated back to p
+        e_hp = turn.back(e_hp, cos[:, None], sin[:, None])
+    g_q = torch.einsum("her,bhnef->bnrhf", layer.wor, e_hp)  # (W_O^h R)^T E_hp
     return g_q.reshape(n, n_pairs, r, -1) @ layer.wq_rows

@@ -390,27 +390,21 @@ def test_an_empty_readout_gives_a_zero_gram(plain_model, tokens):
 
 
 @requires_hooked
-def test_masked_inputs_give_no_rows(tokens, monkeypatch):
-    """Rotary attention keeps one row per probe: an output never reads a later input (causal
-    mask), whose rows are exact zeros and are left out of the product, with the same Gram."""
+def test_rotary_gram_pass_takes_the_pieces(tokens, monkeypatch):
+    """Rotary attention's Gram comes from its pieces, never from one row per probe (which
+    cost ``P K r d^2`` per sample): ``jacobian_rows`` is not called, and the Gram still
+    equals exact probes (a causal mask: an output never reads a later input)."""
     config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
     model = perturbed(tl_model(torch.float64, **config))
     source, target = attention_section_sites(model, 0, residual=True)
     site, out = dh.Site(source), dh.Site(target)
     section = attention_section(model, 0, residual=True)
-    from degen_hooks.transformer_lens import _attention_gram
 
-    seen = []
-    product = _attention_gram._rows_gram
+    def refused(*args, **kwargs):
+        raise AssertionError("the rows were formed")
 
-    def counting(rows):
-        seen.append(rows.shape[0])
-        return product(rows)
-
-    monkeypatch.setattr(_attention_gram, "_rows_gram", counting)
+    monkeypatch.setattr(type(section), "jacobian_rows", refused)
     closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
-    n_pos = tokens.shape[1]
-    assert sum(seen) == tokens.shape[0] * n_pos * (n_pos + 1) // 2 * 3  # (p, j <= p) x r
     exact = exact_gram(model, tokens, site, out, readout())
     torch.testing.assert_close(closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13)
 
@@ -455,12 +449,65 @@ def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weigh
     )
 
 
+ROTARY_CASES = [  # (inputs, outputs, weights, positions)
+    ([0, 1, 2, 3, 4, 5, 6], [0, 3, 6], [1.0, 2.0, 1.0], 7),  # 7 keys > d_head: through E_hp
+    ([1, 1, 3], [1, 3], [3.0, 1.0], 5),  # 5 keys < d_head = 6: the (head, key) pairs
+    ([4], [0], [1.0], 5),  # no pair p = j
+    ([2, 5, 6], [6, 2, 4], [1.0, 1.0, 2.0], 7),
+]
+
+
+@pytest.mark.parametrize("norm", [None, "LN", "RMS"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("rotary_dim", [6, 4], ids=["full", "partial"])
+@pytest.mark.parametrize("adjacent", [False, True], ids=["halves", "adjacent"])
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=["all", "repeated", "off", "subset"])
+def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adjacent, case):
+    """With rotary embeddings the factorised Gram (``_attention_gram_rotary``) equals the
+    Gram of the rows, for random weights, q, k, v and tables (a rotation scaled as YaRN's
+    ``attention_scaling`` does) and a causal pattern with more masked entries; key/value
+    heads shared by 1, 2 or 4 query heads, full and partial rotation, both pair flips."""
+    from dataclasses import replace
+
+    from degen_hooks.transformer_lens._attention_gram import lowrank_gram
+    from degen_hooks.transformer_lens._rotary import Rotary
+
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs, outputs, weights, n_pos = case
+    b, h, e, d = 2, 4, 6, 8
+    shared = [w.repeat_interleave(h // kv_heads, 0) for w in (rand(kv_heads, d, e),) * 2]
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * rand(rotary_dim // 2).exp()
+    angles = angles.repeat_interleave(2, 1) if adjacent else angles.repeat(1, 2)
+    rotary = Rotary(cos=1.3 * angles.cos(), sin=1.3 * angles.sin(), adjacent_pairs=adjacent)
+    base = attention_section(build_hooked_or_bridge(), 0, residual=True)
+    q, k, v = rand(b, n_pos, h, e), rand(b, n_pos, h, e), rand(b, n_pos, h, e)
+    q, k = rotary.rotate(q), rotary.rotate(k)
+    causal = torch.ones(n_pos, n_pos).tril().bool() & (rand(b, h, n_pos, n_pos) > -1.0)
+    pattern = torch.softmax(rand(b, h, n_pos, n_pos).masked_fill(~causal, -torch.inf), -1)
+    pattern = pattern.nan_to_num(0.0)  # a row with every key masked
+    x, read = rand(b, n_pos, d), rand(d, 3)
+    args = (q, k, v, pattern, read, torch.tensor(inputs), torch.tensor(outputs),
+            torch.tensor(weights, dtype=torch.float64))  # fmt: skip
+    for residual in (True, False):
+        section = replace(
+            base, w_q=rand(h, d, e), w_k=shared[0], w_v=shared[1], w_o=rand(h, e, d),
+            scale=1.7, residual=residual, norm=norm, rotary=rotary,
+        )  # fmt: skip
+        rows = section.jacobian_rows(*args, x=x).reshape(-1, d)
+        gram = lowrank_gram(section, *args, x=x)
+        torch.testing.assert_close((gram + gram.T) / 2, rows.T @ rows, rtol=1e-10, atol=1e-12)
+
+
 def build_hooked_or_bridge():
     return tl_model(torch.float64, **{**toy_config(), "n_layers": 1})
 
 
 @pytest.mark.parametrize("norm", [None, "LN"], ids=["nonorm", "LN"])
-@pytest.mark.parametrize("rotary", [False, True], ids=["pieces", "rotary-rows"])
+@pytest.mark.parametrize("rotary", [False, True], ids=["pieces", "rotary"])
 def test_memory_per_call_is_bounded_in_the_context(tokens, monkeypatch, rotary, norm):
     """A sample's work is split over its output positions once it exceeds the budget: no
     call holds more than the budget (beyond one output position of one sample), whatever the
@@ -477,30 +524,22 @@ def test_memory_per_call_is_bounded_in_the_context(tokens, monkeypatch, rotary, 
     section = attention_section(model, 0, residual=True)
     read = readout()
     whole = section.gram_pass(model, [tokens], site, out, read, progress=False)
-    n_pos, r, d_in = tokens.shape[1], read.shape[1], section.d_in
+    n_pos, r = tokens.shape[1], read.shape[1]
     calls = []
-    if rotary:
-        rows = type(section).jacobian_rows
+    block = _attention_gram._add_block
+    per_output = per_output_elements(section, n_pos, r, rotary)
 
-        def recording(self, q, k, v, pattern, readout, inputs, outputs, *args, **kw):
-            calls.append((q.shape[0], len(outputs), len(inputs) * r * d_in))
-            return rows(self, q, k, v, pattern, readout, inputs, outputs, *args, **kw)
+    def recording(s, sums, cross, batch, *args):
+        calls.append((batch.q.shape[0], len(args[-2]), per_output))  # (b, P, per output)
+        return block(s, sums, cross, batch, *args)
 
-        monkeypatch.setattr(type(section), "jacobian_rows", recording)
-    else:
-        block = _attention_gram._add_block
-
-        def recording(s, sums, cross, batch, *args):
-            q, inputs, outputs = batch.q, batch.inputs, args[-2]
-            per_output = q.shape[2] * (len(inputs) + n_pos) * max(r, q.shape[3]) + r * d_in
-            calls.append((q.shape[0], len(outputs), per_output))
-            return block(s, sums, cross, batch, *args)
-
-        monkeypatch.setattr(_attention_gram, "_add_block", recording)
-    budget = 2 * per_output_elements(section, n_pos, r, rotary)
+    monkeypatch.setattr(_attention_gram, "_add_block", recording)
+    budget = 2 * per_output
     monkeypatch.setattr(_attention_gram, "_ELEMENTS", budget)
     split = section.gram_pass(model, [tokens], site, out, read, progress=False)
     assert calls and max(n_out for _, n_out, _ in calls) < n_pos  # outputs were split
+    # as large as the budget allows: the section counts an output as this test does
+    assert max(n_out for _, n_out, _ in calls) == budget // per_output
     assert all(b * n_out * per <= budget or (b, n_out) == (1, 1) for b, n_out, per in calls)
     assert sum(n_out for b, n_out, _ in calls if b == 1) >= n_pos  # every output visited
     assert split.n_samples == whole.n_samples
@@ -508,7 +547,10 @@ def test_memory_per_call_is_bounded_in_the_context(tokens, monkeypatch, rotary, 
 
 
 def per_output_elements(section, n_pos: int, r: int, rotary: bool) -> int:
-    """The elements one output position of one sample costs (as the section counts them)."""
+    """The elements one output position of one sample costs (as the section counts them),
+    every position an input: the pattern rows and ``g`` (and with rotary embeddings ``u``, the
+    grouped ``s u`` and ``Qbar``), and the pairs' rows."""
+    n_heads, d_head, d_in = section.w_q.shape[0], section.w_q.shape[2], section.d_in
     if rotary:
-        return n_pos * r * section.d_in
-    return section.w_q.shape[0] * 2 * n_pos * max(r, section.w_q.shape[2]) + r * section.d_in
+        return n_heads * n_pos * (n_heads * d_head + r + max(r, d_head)) + r * d_in
+    return n_heads * 2 * n_pos * max(r, d_head) + r * d_in

@@ -142,7 +142,7 @@ def lowrank_gram(
     if s.norm is not None and x is None:
         raise ValueError(f"A section after a {s.norm} norm needs its input x.")
     layer = _Layer.of(s, readout, q.device)
-    d = layer.vw.shape[1]
+    d = layer.vw_rows.shape[1]
     sums = {name: q.new_zeros(d, d) for name in ("key", "pairs", "ny", "quad")}
     sums["c"] = q.new_zeros(layer.n_heads, layer.n_heads)  # sum w omega A_h A_h'
     cross = _Cross(layer.vw_rows)
@@ -192,8 +192,7 @@ class _Layer:
 
     w_k: torch.Tensor  # (h, d, e)
     wor: torch.Tensor  # W_O^h R: (h, e, r)
-    vw: torch.Tensor  # V_h = W_V^h W_O^h R: (h, d, r)
-    vw_rows: torch.Tensor  # V_h^T stacked: (h r, d)
+    vw_rows: torch.Tensor  # V_h^T stacked, V_h = W_V^h W_O^h R: (h r, d)
     wq_rows: torch.Tensor  # W_Q^h^T / scale stacked: (h e, d)
     readout_t: torch.Tensor  # R^T, contiguous: (r, d)
     scale: float
@@ -213,7 +212,6 @@ class _Layer:
         return cls(
             w_k=w_k,
             wor=wor,
-            vw=vw,
             vw_rows=vw.transpose(1, 2).reshape(-1, vw.shape[1]),
             wq_rows=(w_q.transpose(1, 2) / s.scale).reshape(-1, w_q.shape[1]),
             readout_t=readout.T.contiguous(),
@@ -382,7 +380,7 @@ def _diagonal(
     Every ``(b, pair, r, d)`` tensor is formed contiguous (rows over ``d``), by products of
     the :class:`_Layer`'s stacked weights."""
     p_idx, j_idx = pairs[:, 0], pairs[:, 1]
-    d, n_heads = layer.vw.shape[1], layer.n_heads
+    d, n_heads = layer.vw_rows.shape[1], layer.n_heads
     n, n_pairs, r = a_pp.shape[0], len(pairs), layer.wor.shape[2]
     root = weights[p_idx].sqrt()[None, :, None, None]  # (1, n, 1, 1)
     x_rows = (a_pp.reshape(-1, n_heads) @ layer.vw_rows.view(n_heads, -1)).view(n, n_pairs, r, d)
@@ -430,16 +428,14 @@ def _query_rows(
     wq = layer.wq_rows.view(n_heads, d_head, -1)  # W_Q^h^T / scale: (h, e, d)
     turn = layer.turn
     cos, sin = (None, None) if turn is None else turn.at(positions)  # (n, e)
-    if n_keys < d_head:  # (b, n, r, h L) @ (b, 1 or n, h L, d)
-        if turn is None:
-            query = torch.einsum("blhe,hed->bhld", batch.k, wq).reshape(n, 1, -1, wq.shape[2])
-        else:
-            k_at = turn.back(batch.k[:, None], cos[:, None, None], sin[:, None, None])
-            query = torch.einsum("bnlhe,hed->bnhld", k_at, wq).reshape(n, n_pairs, -1, wq.shape[2])
+    if n_keys < d_head:  # (b, n, r, h L) @ (h L, d) query rows, per sample or per pair
         spread = batch.v.transpose(1, 2)[:, None] - z.transpose(1, 2)[..., None, :]
         g_all = torch.einsum("bnhle,her->bnrhl", spread * a_rows[..., None], layer.wor)
         if turn is None:  # the pairs share the query rows: one product per sample
-            return (g_all.reshape(n, n_pairs * r, -1) @ query[:, 0]).view(n, n_pairs, r, -1)
+            query = torch.einsum("blhe,hed->bhld", batch.k, wq).reshape(n, -1, wq.shape[2])
+            return (g_all.reshape(n, n_pairs * r, -1) @ query).view(n, n_pairs, r, -1)
+        k_at = turn.back(batch.k[:, None], cos[:, None, None], sin[:, None, None])
+        query = torch.einsum("bnlhe,hed->bnhld", k_at, wq).reshape(n, n_pairs, -1, wq.shape[2])
         return g_all.reshape(n, n_pairs, r, -1) @ query
     a_h, k_t = a_rows.transpose(1, 2).contiguous(), batch.k.transpose(1, 2)  # (b,h,n,L), (b,h,L,e)
     av = a_h[..., None, :] * batch.v.permute(0, 2, 3, 1)[:, :, None]  # (b, h, n, e, L)

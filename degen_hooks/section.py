@@ -18,8 +18,9 @@ A section whose data statistics ride on ``build_bases``' activation pass adds:
 * ``gram_from(statistics, readout)`` turns them into the Gram, with no pass of its own.
 
 :class:`~degen_hooks.MLPSection` (derivative moments at its pre-activation site),
-:class:`~degen_hooks.NormedMLPSection` and the TransformerLens ``AttentionSection`` implement
-it. Model families only *find* sections (``find_sections``); the core never imports one.
+:class:`~degen_hooks.NormedMLPSection` and :class:`~degen_hooks.attention.AttentionSection`
+(subclassed by each family with where its models keep q, k, v and the pattern) implement it.
+Model families only *find* sections (``find_sections``); the core never imports one.
 """
 
 from __future__ import annotations

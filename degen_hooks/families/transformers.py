@@ -6,6 +6,11 @@ consecutive sites of one decoder layer (and from the last layer to the logits),
 :func:`find_sections` gives the closed forms ``build_bases(sections="auto")`` and
 ``InteractionGraph`` use:
 
+* ``resid_pre`` (or the previous layer's ``resid_post``) ``-> resid_mid``: the norm before
+  attention and attention with its skip connection, an
+  :class:`~degen_hooks.families._hf_attention.HFAttentionSection` (any positions on either
+  side; q, k, v and the heads' outputs read in one forward pass, the causal pattern
+  recomputed and checked against them);
 * ``resid_mid -> resid_post`` (or the next layer's ``resid_pre``): the norm before the MLP
   and the MLP with its skip connection, a residual :class:`~degen_hooks.NormedMLPSection`;
 * ``resid_mid -> mlp_hidden``: the norm, the input projection(s) and the activation;
@@ -14,8 +19,9 @@ consecutive sites of one decoder layer (and from the last layer to the logits),
 * the last ``resid_post -> logits``: the final norm and the unembedding.
 
 Covered: GPT-2 (LayerNorm, ``Conv1D`` projections) and the Llama layout with separate gate
-and up projections (Llama, Mistral, Qwen 2 and 3: RMSNorm, SwiGLU, no projection biases).
-Attention is left to backward passes. Llama-style RMSNorm takes its variance in float32
+and up projections (Llama, Mistral, Qwen 2 and 3: RMSNorm, SwiGLU, no MLP projection biases;
+rotary, grouped-query attention). Qwen 3's attention (a norm of q and k) is left to backward
+passes. Llama-style RMSNorm takes its variance in float32
 whatever the model's dtype, so on a float64 model these closed forms (float64 throughout)
 differ from the model's own Jacobian at float32 rounding (about 1e-7 relative).
 """
@@ -31,12 +37,14 @@ from .._positions import same_positions
 from ..closed_form import MLPSection, activation_derivative
 from ..normed_section import NormedMLPSection
 from ..sites import Site, _unwrap
+from ._hf_attention import hf_attention_section
 from .hf import _LAYOUTS, decoder_layers
 
 __all__ = ["find_sections"]
 
 F64 = torch.float64
 _LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_ATTENTION_NORM = {"gpt2": "ln_1", **dict.fromkeys(_LLAMA_TYPES, "input_layernorm")}
 _FINAL = {
     "gpt2": ("transformer.ln_f", "lm_head"),
     **dict.fromkeys(_LLAMA_TYPES, ("model.norm", "lm_head")),
@@ -94,6 +102,21 @@ def _role(site: Site | None, layers: list[str], layout: Any) -> tuple[int, str] 
     return None
 
 
+def _attention_layer(site: Site, target: Site | None, layers: list[str], layout: Any) -> int | None:
+    """The layer whose attention maps ``site`` to ``target``: its input (or the previous
+    layer's output) to the input of its norm before the MLP."""
+    if target is None or target.io != "input":
+        return None
+    for index, layer in enumerate(layers):
+        if target.name != f"{layer}.{layout.mlp_norm}":
+            continue
+        if site.io == "input" and site.name == layer:
+            return index if site.arg in (None, 0, "hidden_states") else None
+        if site.io == "output" and index and site.name == layers[index - 1]:
+            return index
+    return None
+
+
 def _section(
     model: nn.Module,
     model_type: str,
@@ -103,6 +126,11 @@ def _section(
     target: Site | None,
     output_positions: Any,
 ) -> Any:
+    attention = _attention_layer(site, target, layers, layout)
+    if attention is not None:  # any positions on either side
+        norm = _norm(model.get_submodule(f"{layers[attention]}.{_ATTENTION_NORM[model_type]}"))
+        target_path = f"{layers[attention]}.{layout.mlp_norm}"
+        return hf_attention_section(model, model_type, layers, attention, norm, target_path)
     where = _role(site, layers, layout)
     if where is None:
         return None

@@ -1,59 +1,33 @@
-"""Closed-form Jacobian Grams of TransformerLens attention layers: no backward passes.
+"""Closed-form attention sections of TransformerLens models: no backward passes.
 
-Part of :mod:`degen_hooks.transformer_lens`; see its docstring.
+Part of :mod:`degen_hooks.transformer_lens`; see its docstring. The mathematics is
+:class:`degen_hooks.attention.AttentionSection`'s; this module says where a TransformerLens
+model keeps what it needs. The layer's ``q``, ``k``, ``v`` and pattern are read from its hooks
+in one forward pass (masks, ALiBi and shortformer position embeddings are in the pattern).
 
-For one attention layer with input rows ``x_j`` (row convention, ``q_hp = x_p W_Q^h + b``,
-``k_hj``, ``v_hj`` alike, pattern ``A_hpj = softmax_j(q_hp . k_hj / scale)``,
-``z_hp = sum_j A_hpj v_hj``, output ``y_p = sum_h z_hp W_O^h (+ x_p when residual)``), the
-derivative of the output at position ``p`` with respect to the input at ``j`` is
-
-    dy_p/dx_j = [p = j] I + sum_h A_hpj W_V^h W_O^h                       (residual, values)
-              + sum_h (W_K^h q_hp / scale) (A_hpj (v_hj - z_hp) W_O^h)     (keys)
-              + [p = j] sum_h sum_l (W_Q^h k_hl / scale) (A_hpl (v_hl - z_hp) W_O^h)  (queries)
-
-(the softmax derivative ``dA_hpl = A_hpl (ds_hpl - sum_m A_hpm ds_hpm)`` folded in). Every
-term is built from the layer's own ``q``, ``k``, ``v`` and pattern, read from its hooks in
-one forward pass, so masks, biases, ALiBi and shortformer position embeddings (constant in
-``x``) need no special case. Read out through ``R``, every (output position, feature) pair
-gives one row ``R^T (dy_p/dx_j)^T`` per input sample (as exact probes do), and the rows'
-Gram is one matrix product: the Gram batched exact probes produce, at a fraction of the
-cost (one forward pass instead of one backward pass per probe). ``gram_pass`` takes the
-Gram from its pieces instead (``_attention_gram``, rotary embeddings included: the rows of
-every (output, input) pair are never formed, only those where the input is the output).
-:meth:`AttentionSection.jacobian_rows` keeps the rows (the edges and the tests use them).
-
-A LayerNorm or RMSNorm before attention multiplies every attention term by its Jacobian
-``D_j = (P - n_j^T n_j / d) / sigma_j`` (``n_j`` the normalized input, ``P`` the centring
-projector for LayerNorm, the identity for RMSNorm), recomputed from ``hook_resid_pre``; the
-norm's gain is folded into ``W_Q``, ``W_K`` and ``W_V``, and the residual bypasses the norm.
-
-Rotary embeddings rotate q and k per position, ``q'_hp = M_p q_hp``: the scores are made of
-the rotated vectors, and the key and query terms become ``W_K^h M_j^T q'_hp`` and
-``W_Q^h M_p^T k'_hl`` (positions ``0 .. n-1``: no left-padding offsets). A HookedTransformer
-hooks the rotated vectors (``hook_rot_q``, ``hook_rot_k``); on a TransformerBridge the section
-rotates ``hook_q`` and ``hook_k`` itself, by the tables :func:`._rotary.bridge_rotary` finds.
+Rotary embeddings: a HookedTransformer hooks the rotated vectors (``hook_rot_q``,
+``hook_rot_k``), which the section reads, checking the positions against the unrotated
+``hook_q``; on a TransformerBridge the section rotates ``hook_q`` and ``hook_k`` itself, by the
+tables :func:`._rotary.bridge_rotary` finds, and checks the model's pattern against them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import ShapeMismatchError
-from .._hooks import SiteHook
-from ..accumulators import SecondMoment
-from ..sites import Site, _unwrap, select_positions
-from ._attention_edges import AttentionEdges, _heads
-from ._attention_gram import accumulate
+from ..attention import AttentionSection as _Core
+from ..attention.rotary import Rotary, check_pattern, passed_rotary
+from ..attention.section import heads
+from ..sites import Site, _unwrap
 from ._mlp import _norm_weight
-from ._names import _NORMS, _cfg, _layers, site_modules
-from ._rotary import Rotary, bridge_rotary, hf_scale
+from ._names import _NORMS, _cfg, _layers
+from ._rotary import bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
@@ -118,275 +92,96 @@ def _check_attention(cfg: Any) -> None:
 
 
 @dataclass
-class AttentionSection(AttentionEdges):
+class AttentionSection(_Core):
     """One attention layer of a TransformerLens model, as a closed-form section.
 
     Weights use the TransformerLens layout, in float64. Build it with
     :func:`attention_section`; ``build_bases`` runs :meth:`gram_pass` in place of the
-    backward passes of the section's input site.
+    backward passes of the section's input site. The attributes are those of
+    :class:`degen_hooks.attention.AttentionSection` (``source`` and ``target`` the input and
+    output hook names), and:
 
     Attributes:
-        w_q, w_k, w_v: ``(n_heads, d_in, d_head)`` (a norm's gain folded in).
-        w_o: ``(n_heads, d_head, d_out)``.
-        scale: Attention scores are ``q . k / scale``.
-        residual: ``y = x + Attn(Norm(x))`` (``d_in == d_out``).
-        source, target: The section's input and output site names.
         hooks: Names of the layer's ``q``, ``k``, ``v`` and pattern hooks.
-        norm: The norm before attention: ``None``, ``"LN"``, ``"LNPre"``, ``"RMS"`` or
-            ``"RMSPre"`` (its Jacobian is recomputed from the input captured at ``source``).
-        eps: The norm's epsilon.
-        rotary: The rotary embedding of q and k (``hooks`` then name ``hook_rot_q`` and
-            ``hook_rot_k``, the rotated vectors the scores are made of, unless ``rotates``).
         rotates: ``hooks`` name the unrotated q and k (a ``TransformerBridge``): each batch
             rotates them by ``rotary`` and checks the model's pattern against them.
         rotary_tables: The hooks of the ``(cos, sin)`` tables a Hugging Face model passes the
             layer (a bridge): each forward pass's tables make that batch's ``rotary``.
     """
 
-    w_q: torch.Tensor
-    w_k: torch.Tensor
-    w_v: torch.Tensor
-    w_o: torch.Tensor
-    scale: float
-    residual: bool
-    source: str
-    target: str
-    hooks: tuple[str, ...]
-    norm: str | None = None
-    eps: float = 1e-5
-    rotary: Rotary | None = None
+    hooks: tuple[str, ...] = _HOOKS
     rotates: bool = False
     rotary_tables: tuple[str, ...] = ()
 
-    @property
-    def d_in(self) -> int:
-        """Width of the input site."""
-        return self.w_q.shape[1]
-
-    @property
-    def _captures(self) -> tuple[str, ...]:
-        """The hooks a forward pass must fire: q, k, v, pattern, the input with a norm, the
-        rotary tables a bridge reads, and a HookedTransformer's unrotated q with rotary
-        embeddings (to check the positions the model rotated by)."""
-        extra = () if self.norm is None else (self.source,)
-        if self.rotary is not None and not self.rotates:
-            extra += (self.hooks[0].replace("hook_rot_q", "hook_q"),)
-        return (*self.hooks, *extra, *self.rotary_tables)
-
-    def jacobian_rows(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pattern: torch.Tensor,
-        readout: torch.Tensor,
-        inputs: torch.Tensor,
-        outputs: torch.Tensor,
-        weights: torch.Tensor,
-        out: torch.Tensor | None = None,
-        x: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Read-out Jacobians ``sqrt(w_p) R^T (dy_p/dx_j)^T`` of one batch, as Gram rows.
-
-        Args:
-            q, k, v: The layer's hooks, ``(b, pos, n_heads, d_head)``, float64.
-            pattern: Attention pattern, ``(b, n_heads, query pos, key pos)``, float64.
-            readout: ``R``, shape ``(d_out, r)``, float64.
-            inputs: Input positions ``j`` (the samples), shape ``(K,)``.
-            outputs: Probed output positions ``p``, distinct, shape ``(P,)``.
-            weights: How often each output position is probed, shape ``(P,)``.
-            out: Optional buffer of ``b * P * K * r * d_in`` elements to write into.
-            x: The section input ``(b, pos, d_in)``, float64; needed with a norm.
-
-        Returns:
-            ``(b, P, K, r, d_in)``: one row per (sample, output position, feature), whose
-            Gram is the sample's Jacobian Gram (each ``(p, feature)`` is one probe, as in
-            exact probes).
-        """
-        n, n_heads = q.shape[0], q.shape[2]
-        n_in, n_out, r, d_in = len(inputs), len(outputs), readout.shape[1], self.d_in
-        w_q, w_k, w_v, w_o = (t.to(q.device) for t in (self.w_q, self.w_k, self.w_v, self.w_o))
-        root = weights.sqrt()
-        wor = torch.einsum("hed,dr->her", w_o, readout)  # W_O^h R
-        a = pattern[:, :, outputs] * root[:, None]  # (b, h, P, all keys), weight folded in
-        z = torch.einsum("bhpl,blhe->bhpe", pattern[:, :, outputs], v)
-        size = n * n_out * n_in * r * d_in
-        rows = torch.empty(size, dtype=q.dtype, device=q.device) if out is None else out[:size]
-        diagonal = [  # (output index, input index) pairs where the input is the output
-            (p_index, k_index)
-            for p_index, position in enumerate(outputs.tolist())
-            for k_index in (inputs == position).nonzero().flatten().tolist()
-        ]
-        # Values: sum_h A_hpj R^T W_O^hT W_V^hT, one (b P K, h) x (h, r d_in) product.
-        values = torch.einsum("hie,her->hri", w_v, wor).reshape(n_heads, -1)
-        coefficients = a[:, :, :, inputs].permute(0, 2, 3, 1).reshape(-1, n_heads)
-        rows = rows.view(n, n_out, n_in, r, d_in)
-        torch.mm(coefficients, values, out=rows.view(-1, r * d_in))
-        # g_hplr = sqrt(w_p) A_hpl (v_hl - z_hp) W_O^h R: how the score s_hpl moves y_p.
-        spread = v.permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b, h, P, l, e)
-        g = torch.einsum("bhple,her->bphlr", a[..., None] * spread, wor)
-        if self.rotary is None:
-            # Keys: ds_hpj/dx_j = W_K^h q_hp / scale, for every sample row (b, p).
-            keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
-            lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2).reshape(n * n_out, n_in * r, -1)
-            rows.view(n * n_out, n_in * r, d_in).baddbmm_(lhs, keys.reshape(n * n_out, -1, d_in))
-            # Queries, where the input is the output position (j = p):
-            # ds_hpl/dx_p = W_Q^h k_hl / scale for every key l.
-            queries = torch.einsum("hie,blhe->bhli", w_q, k).reshape(n, -1, d_in) / self.scale
-            for p_index, k_index in diagonal:
-                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
-                rows[:, p_index, k_index].baddbmm_(lhs, queries)
-        else:
-            # q and k are the rotated vectors: ds_hpl/dx_l = W_K^h M_l^T q_hp / scale and
-            # ds_hpl/dx_p = W_Q^h M_p^T k_hl / scale, M_t the rotation at position t.
-            n_pos = v.shape[1]
-            key_at = self.rotary.unrotate(q[:, outputs, None], inputs[None, :])  # (b,P,K,h,e)
-            keys = torch.einsum("hie,bpkhe->bpkhi", w_k, key_at) / self.scale
-            lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2)  # (b, P, K, r, h)
-            rows.view(-1, r, d_in).baddbmm_(
-                lhs.reshape(-1, r, n_heads), keys.reshape(-1, n_heads, d_in)
-            )
-            for p_index, k_index in diagonal:
-                position = outputs[p_index].expand(n_pos)
-                query_at = self.rotary.unrotate(k, position)  # (b, l, h, e)
-                queries = torch.einsum("hie,blhe->bhli", w_q, query_at).reshape(n, -1, d_in)
-                lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
-                rows[:, p_index, k_index].baddbmm_(lhs, queries / self.scale)
-        if self.norm is not None:
-            if x is None:
-                raise ValueError(f"A section after a {self.norm} norm needs its input x.")
-            self._through_norm(rows, x[:, inputs])
-        if self.residual:  # the skip connection bypasses the norm: it adds R^T
-            for p_index, k_index in diagonal:
-                rows[:, p_index, k_index] += root[p_index] * readout.T
-        return rows
-
-    def _through_norm(self, rows: torch.Tensor, x: torch.Tensor) -> None:
-        """``rows <- rows D`` in place, ``D = (P - n^T n / d) / sigma`` the norm's Jacobian.
-
-        ``n = c / sigma`` is the normalized input, ``c`` the input (centred for LayerNorm,
-        ``P`` then the centring projector, else ``P = I``), ``sigma = sqrt(mean(c^2) + eps)``;
-        ``D`` is symmetric, so it acts on the Gram rows from the right.
-        """
-        centred = self.norm in ("LN", "LNPre")
-        normed, sigma = self._norm_of(x)  # (b, K, d_in), (b, K, 1)
-        normalized = normed[:, None, :, None, :]  # (b, 1, K, 1, d_in)
-        if centred:
-            rows -= rows.mean(-1, keepdim=True)
-        dots = (rows * normalized).sum(-1, keepdim=True)
-        rows -= dots * normalized / self.d_in
-        rows /= sigma[:, None, :, :, None]
-
-    def gram_pass(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        site: Site,
-        target: Site,
-        readout: torch.Tensor | None = None,
-        *,
-        forward: Callable[[nn.Module, Any], Any] | None = None,
-        progress: bool = True,
-    ) -> SecondMoment:
-        """One forward pass over ``data``: the Jacobian Gram of ``site`` read through ``target``.
-
-        Equal to the Gram ``dh.collect(model, [site], jacobians="exact", target=target,
-        readout=readout)`` accumulates, without a backward pass (runs under ``no_grad``).
-
-        Args:
-            model: The model the section was built from.
-            data: Batches (``forward(model, batch)``, default ``model(batch)``).
-            site: The section's input (its positions are the samples).
-            target: The section's output (each of its positions and read-out features is
-                one probe, as in exact probes).
-            readout: ``(d_out, r)``; identity when ``None``.
-            forward: ``forward(model, batch) -> output``.
-            progress: Show a tqdm progress bar.
-
-        Returns:
-            The Gram as a :class:`~degen_hooks.SecondMoment` over the site's samples.
-        """
-        from tqdm.auto import tqdm
-
-        prefix = _unwrap(model)[1]
-        if (unprefixed(site, prefix), unprefixed(target, prefix)) != (self.source, self.target):
+    def _check_sites(self, site: Site, target: Site | None) -> None:
+        names = tuple(None if s is None else _hook_name(s.name) for s in (site, target))
+        if names != (self.source, self.target):
             raise ShapeMismatchError(
                 f"This attention section maps {self.source!r} -> {self.target!r}, but was asked "
-                f"for {site.name!r} -> {target.name!r}: build it for the right layer "
+                f"for {names[0]!r} -> {names[1]!r}: build it for the right layer "
                 "(attention_section_sites(model, layer, residual=...) gives its sites)."
             )
-        d_out = self.w_o.shape[2]
-        if readout is None:
-            readout = torch.eye(d_out, dtype=torch.float64)
-        if readout.ndim != 2 or readout.shape[0] != d_out:
-            raise ShapeMismatchError(
-                f"Readout of shape {tuple(readout.shape)} cannot read {self.target!r} of width "
-                f"{d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
-            )
-        gram = SecondMoment()
-        captured: dict[str, torch.Tensor] = {}
-        modules = site_modules(_unwrap(model)[0])
-        call = forward or (lambda model, batch: model(batch))
-        with ExitStack() as stack:
-            for name in self._captures:
 
-                def keep(act: torch.Tensor, name: str = name) -> None:
-                    captured[name] = act.detach()
+    def _reads(self) -> dict[str, Site]:
+        """The layer's q, k, v and pattern hooks, with a HookedTransformer's rotary
+        embeddings the unrotated q (to check the positions), and the rotary tables a bridge's
+        Hugging Face attention is passed."""
+        reads = {role: Site(name) for role, name in zip("qkvp", self.hooks, strict=True)}
+        if self.rotary is not None and not self.rotates:
+            reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
+        for role, name in zip(("cos", "sin"), self.rotary_tables, strict=False):
+            reads[role] = Site(name)
+        return reads
 
-                stack.enter_context(SiteHook(model, Site(name), modules[name], keep))
-            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-            for batch in tqdm(
-                data,
-                desc=f"jacobians {site.key} (closed form)",
-                total=total,
-                disable=not progress,
-                leave=False,
-            ):
-                captured.clear()
-                with torch.no_grad():
-                    call(model, batch)
-                self._update(gram, captured, readout, site, target)
-        return gram
+    def _read(
+        self, reads: dict[str, torch.Tensor]
+    ) -> tuple[_Core, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's section and float64 q, k, v and pattern.
 
-    def _update(
-        self,
-        gram: SecondMoment,
-        captured: dict[str, torch.Tensor],
-        readout: torch.Tensor,
-        site: Site,
-        target: Site,
-    ) -> None:
-        missing = [name for name in self._captures if name not in captured]
-        if missing:
-            raise RuntimeError(
-                f"The forward pass never reached {missing}: the attention section needs the "
-                "layer's q, k, v and pattern hooks to fire on every batch."
-            )
-        f64 = torch.float64
+        A HookedTransformer's (rotated) q is checked against its unrotated q; on a bridge
+        (``rotates``), q and k are rotated by the batch's tables (when read) or the fixed
+        ones, and the model's pattern checked against them.
+        """
         n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
-        q, k, v = (_heads(captured[name], n_heads, d_head) for name in self.hooks[:3])
-        pattern = captured[self.hooks[3]].to(f64)
-        x = captured[self.source].to(f64) if self.norm is not None else None
-        plain = self.hooks[0].replace("hook_rot_q", "hook_q")
-        plain_q = captured[plain].to(f64) if plain in captured else None
-        tables = tuple(captured[name] for name in self.rotary_tables)
-        dtype = captured[self.hooks[3]].dtype
-        section, q, k = self._for_batch(q, k, pattern, plain_q, tables, dtype)
-        n_pos = v.shape[1]
-        inputs = _positions(site, n_pos, q.device)
-        outputs, weights = _positions(target, n_pos, q.device).unique(return_counts=True)
-        accumulate(section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights)
+        q, k, v = (heads(reads[role], n_heads, d_head) for role in "qkv")
+        pattern = reads["p"].to(torch.float64)
+        if not self.rotates:
+            if self.rotary is not None and "plain_q" in reads:
+                self._check_positions(q, reads["plain_q"].to(torch.float64))
+            return self, q, k, v, pattern
+        tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
+        section = replace(self, rotary=passed_rotary(*tables)) if tables else self
+        rotary = section.rotary
+        if rotary is None:  # rotates without tables: not built by attention_section
+            raise ValueError("A section that rotates q and k needs rotary tables.")
+        q, k = rotary.rotate(q), rotary.rotate(k)
+        check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
+        return section, q, k, v, pattern
+
+    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
+        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
+        plain = plain.reshape(rotated.shape)
+        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
+        if error > 1e-4 * rotated.abs().max():
+            raise ValueError(
+                "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
+                "padding with an attention_mask, or a key-value cache): the rotary closed form "
+                "assumes plain positions. Run the section without attention_mask/cache, or "
+                "use exact probes."
+            )
+
+
+def _hook_name(name: str) -> str:
+    """A hook name without wrappers' prefixes (DDP's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``): a TransformerLens model has no submodule of those names."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def unprefixed(site: Site, prefix: str) -> str:
     """The site's name without DDP's ``module.`` prefix (both name the same site)."""
     return site.name[len(prefix) :] if prefix and site.name.startswith(prefix) else site.name
-
-
-def _positions(site: Site, n_pos: int, device: torch.device) -> torch.Tensor:
-    """The positions ``site`` keeps, as an index tensor (the same for every sample)."""
-    steps = torch.arange(n_pos, dtype=torch.float64, device=device)[None, :, None]
-    return select_positions(steps, site.positions, None, site.key).flatten().long()
 
 
 def _scale(model: nn.Module, index: int, cfg: Any) -> float:

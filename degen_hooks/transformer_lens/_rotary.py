@@ -1,122 +1,22 @@
-"""Rotary position embeddings as TransformerLens applies them, and their transposes.
+"""Where a TransformerLens model keeps its rotary tables, for the attention closed form.
 
-Part of :mod:`degen_hooks.transformer_lens`; used by the attention closed form. A
-``HookedTransformer`` keeps its tables (``rotary_cos``, ``rotary_sin``) and hooks the rotated
-q and k. A ``TransformerBridge`` does neither the same way: :func:`bridge_rotary` finds the
-tables (a native model's fixed ones, or the ``(cos, sin)`` a Hugging Face model passes its
-attention in each forward pass), and the section rotates the bridge's unrotated q and k itself,
-checking each batch's pattern against them (:func:`check_pattern`).
+Part of :mod:`degen_hooks.transformer_lens`; the rotation itself is
+:class:`degen_hooks.attention.rotary.Rotary`. A ``HookedTransformer`` keeps its tables
+(``rotary_cos``, ``rotary_sin``) and hooks the rotated q and k. A ``TransformerBridge`` does
+neither the same way: :func:`bridge_rotary` finds the tables (a native model's fixed ones, or
+the ``(cos, sin)`` a Hugging Face model passes its attention in each forward pass), and the
+section rotates the bridge's unrotated q and k itself, checking each batch's pattern against
+them (:func:`~degen_hooks.attention.rotary.check_pattern`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-_ELEMENTS = 2**21  # elements of the score tensors checked at once
-
-
-@dataclass
-class Rotary:
-    """A rotary embedding ``x -> M_t x`` of the first ``dim`` features of q and k.
-
-    ``M_t x = cos_t * x + sin_t * F(x)``, ``F`` the pair flip (``[x0, x1] -> [-x1, x0]``, of
-    adjacent features or of the two halves), as TransformerLens applies it.
-    """
-
-    cos: torch.Tensor  # (n_positions, dim)
-    sin: torch.Tensor
-    adjacent_pairs: bool
-
-    def _flip(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        if self.adjacent_pairs:
-            out[..., ::2], out[..., 1::2] = -x[..., 1::2], x[..., ::2]
-        else:
-            half = x.shape[-1] // 2
-            out[..., :half], out[..., half:] = -x[..., half:], x[..., :half]
-        return out
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``M_t x`` for ``x`` of shape ``(batch, pos, heads, d_head)`` at positions ``0 ..``."""
-        dim = self.cos.shape[1]
-        cos = self.cos.to(x)[: x.shape[1], None, :]  # (pos, 1, dim)
-        sin = self.sin.to(x)[: x.shape[1], None, :]
-        turned = cos * x[..., :dim] + sin * self._flip(x[..., :dim])
-        return torch.cat([turned, x[..., dim:]], dim=-1)
-
-    def unrotate(self, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``M_t^T y`` (``F^T = -F``) for vectors ``y`` of shape ``(..., pos, heads, d_head)``
-        at ``positions`` (broadcast against ``y``'s position axis)."""
-        dim = self.cos.shape[1]
-        cos = self.cos.to(y)[positions][..., None, :]  # (..., pos, 1, dim)
-        sin = self.sin.to(y)[positions][..., None, :]
-        turned = cos * y[..., :dim] - self._flip(sin * y[..., :dim])
-        return torch.cat([turned, y[..., dim:].expand(*turned.shape[:-1], -1)], dim=-1)
-
-
-_POSITIONS_HINT = (
-    "the model rotated q and k at positions other than 0, 1, ..., n-1 (position_ids, left "
-    "padding with an attention_mask, a key-value cache), or changed the scores in a way the "
-    "closed form does not follow. Run the section without position_ids/attention_mask/cache, "
-    "or use exact probes."
-)
-
-
-def passed_rotary(cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
-    """The rotation of the ``(cos, sin)`` a Hugging Face model passed its attention.
-
-    Args:
-        cos, sin: ``(pos, dim)`` or ``(batch, pos, dim)`` (``dim <= d_head``: the first
-            ``dim`` features rotate), in the rotate-half convention of ``apply_rotary_pos_emb``.
-
-    Returns:
-        The float64 :class:`Rotary` of these very tables (scaling such as dynamic NTK or
-        YaRN's ``attention_scaling`` included).
-
-    Raises:
-        ValueError: If the samples of the batch got different tables (per-sample positions).
-    """
-    if cos.ndim == 3:
-        if not all(torch.equal(t, t[:1].expand_as(t)) for t in (cos, sin)):
-            raise ValueError(f"Rotary tables differ across the batch: {_POSITIONS_HINT}")
-        cos, sin = cos[0], sin[0]
-    f64 = torch.float64
-    return Rotary(cos=cos.to(f64), sin=sin.to(f64), adjacent_pairs=False)
-
-
-def check_pattern(
-    q: torch.Tensor, k: torch.Tensor, pattern: torch.Tensor, scale: float, dtype: torch.dtype
-) -> None:
-    """Refuse a batch whose pattern is not ``softmax(q k^T / scale)`` over the keys it sees.
-
-    Args:
-        q, k: The rotated q and k the section computed, ``(b, pos, heads, d_head)``.
-        pattern: The model's pattern, ``(b, heads, query pos, key pos)``, float64.
-        scale: The section's score divisor.
-        dtype: The dtype the model computed the pattern in (sets the tolerance).
-
-    Raises:
-        ValueError: If they differ by more than rounding.
-    """
-    # A bridge takes the softmax in float32 at best: a shifted rotation moves the pattern by
-    # far more than 1e-3; half precision only gets a coarse check.
-    tolerance = 1e-3 if torch.finfo(dtype).bits >= 32 else 5e-2
-    step = max(1, _ELEMENTS // max(1, pattern[0].numel() * q.shape[-1]))
-    for start in range(0, q.shape[0], step):
-        part = slice(start, start + step)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q[part], k[part]) / scale
-        seen = pattern[part] > 0  # masked keys (and underflows) are left out
-        expected = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
-        error = float((expected.nan_to_num(0.0) - pattern[part]).abs().max())
-        if error > tolerance:
-            raise ValueError(
-                f"The attention pattern differs from the softmax of the rotated q and k by "
-                f"{error:.2g}: {_POSITIONS_HINT}"
-            )
+from ..attention.rotary import Rotary
 
 
 def hf_scale(attn: nn.Module) -> float:

@@ -428,7 +428,7 @@ def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weigh
     with 3 through the (head, key) pairs."""
     from dataclasses import replace
 
-    from degen_hooks.transformer_lens._attention_gram import lowrank_gram
+    from degen_hooks.attention._gram import lowrank_gram
 
     gen = torch.Generator().manual_seed(7)
     base = attention_section(build_hooked_or_bridge(), 0, residual=residual)
@@ -469,8 +469,8 @@ def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adj
     heads shared by 1, 2 or 4 query heads, full and partial rotation, both pair flips."""
     from dataclasses import replace
 
-    from degen_hooks.transformer_lens._attention_gram import lowrank_gram
-    from degen_hooks.transformer_lens._rotary import Rotary
+    from degen_hooks.attention._gram import lowrank_gram
+    from degen_hooks.attention.rotary import Rotary
 
     gen = torch.Generator().manual_seed(11)
 
@@ -513,7 +513,7 @@ def test_memory_per_call_is_bounded_in_the_context(tokens, monkeypatch, rotary, 
     call holds more than the budget (beyond one output position of one sample), whatever the
     context, and the Gram is the same. Before, one sample's P^2 h r temporaries were formed
     whole (about 2.4 GB a call for a GPT-2-small layer at 128 tokens)."""
-    from degen_hooks.transformer_lens import _attention_gram
+    from degen_hooks.attention import _gram as _attention_gram
 
     config = {**toy_config("relu", norm), "n_layers": 1}
     if rotary:

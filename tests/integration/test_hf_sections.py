@@ -1,6 +1,7 @@
-"""Closed-form sections of Hugging Face decoder models (#16): the norm and MLP of every layer
-(GPT-2's LayerNorm and ``Conv1D``, the SwiGLU of Llama, Mistral and Qwen), the output
-projection and the final norm and unembedding, each equal to exact probes at rtol 1e-10;
+"""Closed-form sections of Hugging Face decoder models (#16): attention (rotary, grouped-query)
+and the norm and MLP of every layer (GPT-2's LayerNorm and ``Conv1D``, the SwiGLU of Llama,
+Mistral and Qwen), the output projection and the final norm and unembedding, each equal to
+exact probes at rtol 1e-10 (and their graph edges to backward passes);
 ``build_bases(sections="auto")`` finds them and equals backward passes end to end.
 """
 
@@ -104,8 +105,131 @@ def test_auto_build_equals_backward_passes(family, tokens):
     auto = dh.build_bases(model, sites, data, **common)
     probed = dh.build_bases(model, sites, data, sections=None, **common)
     closed = {label for label in auto.timings_ if label.endswith("(closed form)")}
-    # Everything but attention (resid_pre -> resid_mid) and layer 0's output -> layer 1's
-    # input (the same tensor) in closed form.
-    assert len(closed) == len(sites) - 3
+    # Everything but layer 0's output -> layer 1's input (the same tensor) in closed form.
+    assert len(closed) == len(sites) - 1
     assert auto.sites_ == probed.sites_
     assert_same_bases(auto, probed)
+
+
+# -- attention ------------------------------------------------------------------------------
+ATTENTION = ["gpt2", "llama", "mistral", "qwen2"]  # qwen3 norms q and k: backward passes
+# (resid_pre, resid_mid) positions
+ATTENTION_POSITIONS = [(None, None), (None, "last"), ([0, 2], [1, 3]), ("last", None)]
+
+
+def attention_pair(model, layer, positions, *, previous_output=False):
+    first, later = positions
+    pre, mid = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[layer])
+    if previous_output:  # the same tensor, named as the previous layer's output
+        pre = hf.decoder_sites(model, "resid_post", layers=[layer - 1])[0]
+    return dh.Site(pre.name, pre.io, first, arg=pre.arg), dh.Site(
+        mid.name, mid.io, later, bypass=mid.bypass
+    )
+
+
+@pytest.mark.parametrize("family", ATTENTION)
+@pytest.mark.parametrize("positions", ATTENTION_POSITIONS, ids=["all", "last", "lists", "from"])
+def test_attention_equals_exact_probes(family, positions, tokens):
+    """Rotary (Llama, Mistral, Qwen 2), grouped-query (2 key/value heads for 4), biases (GPT-2,
+    Qwen 2), LayerNorm and RMSNorm before it: the Gram of exact probes at rtol 1e-10."""
+    model = float64_norms(build(family))
+    for layer, previous_output in ((0, False), (1, True)):
+        site, target = attention_pair(model, layer, positions, previous_output=previous_output)
+        ((section, pre),) = find_sections(model, [site], target).values()
+        assert type(section).__name__ == "HFAttentionSection" and pre is None
+        readout = readout_for(model.config.hidden_size, seed=layer)
+        expected = exact(model, tokens, site, readout, target=target)
+        gram = section.gram_pass(model, [tokens[:4], tokens[4:]], site, target, readout,
+                                 forward=hf.forward, progress=False)  # fmt: skip
+        assert_gram(gram.second_moment(), expected)
+
+
+def test_qwen3_attention_is_left_to_backward_passes():
+    model = build("qwen3")
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
+    assert find_sections(model, sites[:1], sites[1]) == {}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_refuses_what_it_would_get_wrong(family, tokens):
+    """Padding, per-row positions and dropout change the pattern: refused, never used."""
+    from .test_hf import padded_batches
+
+    model = build(family)
+    site, target = attention_pair(model, 1, (None, None))
+    ((section, _),) = find_sections(model, [site], target).values()
+    run = {"forward": hf.forward, "progress": False}
+    with pytest.raises(ValueError, match="differs from the closed form's.*padding"):
+        section.gram_pass(model, padded_batches()[:1], site, target, **run)
+    per_row = {"input_ids": tokens, "position_ids": torch.arange(5) + torch.arange(6)[:, None]}
+    if family == "llama":
+        with pytest.raises(ValueError, match="differ across the batch.*position_ids"):
+            section.gram_pass(model, [per_row], site, target, **run)
+    model.train()
+    model.config.attn_pdrop = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    if family == "gpt2":
+        with pytest.raises(ValueError, match="eval mode"):
+            section.gram_pass(model, [tokens], site, target, **run)
+    model.eval()
+    with pytest.raises(dh.ShapeMismatchError, match="decoder_sites"):
+        section.gram_pass(model, [tokens], target, site, **run)
+
+
+def test_rotary_attention_at_shifted_positions(tokens):
+    """position_ids shared by the batch: the section rotates by the tables the model was
+    passed, so the Gram is still the exact probes'."""
+    model = float64_norms(build("llama"))
+    site, target = attention_pair(model, 1, (None, "last"))
+    ((section, _),) = find_sections(model, [site], target).values()
+    batch = {"input_ids": tokens, "position_ids": torch.arange(3, 8).expand(6, 5)}
+    readout = readout_for(model.config.hidden_size)
+    with dh.collect(model, [site], jacobians="exact", readout=readout, target=target) as run:
+        run.backward(hf.forward(model, batch))
+    expected = run.stats[site.key].grads.second_moment()
+    gram = section.gram_pass(model, [batch], site, target, readout, forward=hf.forward,
+                             progress=False)  # fmt: skip
+    assert_gram(gram.second_moment(), expected)
+
+
+def test_attention_in_float32(tokens):
+    """A float32 model passes the check (its own rounding) and gives the float64 Gram to
+    float32 precision."""
+    model = build("llama")
+    site, target = attention_pair(model, 1, (None, None))
+    ((section, _),) = find_sections(model, [site], target).values()
+    run = {"forward": hf.forward, "progress": False}
+    expected = section.gram_pass(model, [tokens], site, target, **run).second_moment()
+    ((single, _),) = find_sections(model.float(), [site], target).values()
+    actual = single.gram_pass(model, [tokens], site, target, **run).second_moment()
+    assert_gram(actual, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_edges_equal_backward_passes(family, tokens):
+    """Interaction-graph edges of every pair, attention included, in closed form: the
+    backward path's at rtol 1e-10, exact, stochastic and integrated."""
+    from degen_hooks.graph import InteractionGraph
+
+    model = float64_norms(build(family))
+    sites = [
+        *attention_pair(model, 0, (None, "last")),
+        *hf.decoder_sites(model, ["resid_post"], layers=[0], positions="last"),
+    ]
+    data = [tokens[:3], tokens[3:]]
+    run = {"forward": hf.forward, "progress": False}
+    basis = dh.build_bases(model, sites, data, **run)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for rule in ({}, {"method": "stochastic", "n_sources": 2, "seed": 5},
+                 {"integration": "gauss-legendre", "n_intervals": 2}):  # fmt: skip
+        closed = InteractionGraph(**rule).fit(model, basis, data, **run)
+        backward = InteractionGraph(**rule).fit(model, basis, data, sections=None, **run)
+        assert closed.closed_form_ == closed.pairs_ and backward.closed_form_ == []
+        for pair in closed.pairs_:
+            expected = backward.edges_[pair]
+            torch.testing.assert_close(closed.edges_[pair], expected, rtol=1e-10,
+                                       atol=1e-14 * float(expected.max()))  # fmt: skip
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

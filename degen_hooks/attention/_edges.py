@@ -1,8 +1,8 @@
 """Interaction-graph edges of a closed-form attention section (#19): no backward passes.
 
-Part of :mod:`degen_hooks.transformer_lens`; mixed into
-:class:`~degen_hooks.transformer_lens.AttentionSection`, whose Jacobian terms (module
-docstring of ``_attention``) give the edges too: for each (output position, feature) the
+Part of :mod:`degen_hooks.attention`; mixed into
+:class:`~degen_hooks.attention.AttentionSection`, whose Jacobian terms (module docstring of
+:mod:`.section`) give the edges too: for each (output position, feature) the
 attribution of every input feature, summed over input positions, from the layer's q, k, v and
 pattern read in the graph's one forward pass. Integrated gradients move the layer to each
 ``alpha`` (q, k and v are affine in the input, the new pattern is
@@ -19,95 +19,10 @@ import torch
 
 from .. import closed_form as _closed_form
 from .._errors import ShapeMismatchError
-from ..sites import Site
-from ._rotary import check_pattern, passed_rotary
-
-
-def _heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
-    """A q, k or v hook's tensor as ``(b, pos, n_heads, d_head)`` float64.
-
-    Grouped-query attention reads ``n_key_value_heads`` key and value heads; each serves
-    ``n_heads / n_key_value_heads`` consecutive query heads (TransformerLens'
-    ``repeat_interleave``), as the section's weights ``W_K``/``W_V`` do.
-    """
-    act = act.to(torch.float64)
-    act = act.reshape(*act.shape[:2], -1, d_head)
-    if act.shape[2] != n_heads:
-        act = act.repeat_interleave(n_heads // act.shape[2], dim=2)
-    return act
 
 
 class AttentionEdges:
-    """The edge methods of :class:`~degen_hooks.transformer_lens.AttentionSection`, and the
-    rotary handling of each batch that its Gram pass shares with them."""
-
-    def _for_batch(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        pattern: torch.Tensor,
-        plain_q: torch.Tensor | None,
-        tables: tuple[torch.Tensor, ...],
-        dtype: torch.dtype,
-    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """The section for one batch and the q, k its scores are made of.
-
-        A HookedTransformer's (rotated) q is checked against its unrotated ``plain_q``; on a
-        bridge (``rotates``), q and k are rotated by the batch's ``tables`` (when read) or
-        the fixed ones, and the model's ``pattern`` (computed in ``dtype``) checked.
-        """
-        if not self.rotates:
-            if self.rotary is not None and plain_q is not None:
-                self._check_positions(q, plain_q)
-            return self, q, k
-        section = replace(self, rotary=passed_rotary(*tables)) if tables else self
-        rotary = section.rotary
-        if rotary is None:  # rotates without tables: not built by attention_section
-            raise ValueError("A section that rotates q and k needs rotary tables.")
-        q, k = rotary.rotate(q), rotary.rotate(k)
-        check_pattern(q, k, pattern, self.scale, dtype)
-        return section, q, k
-
-    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
-        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
-        plain = plain.reshape(rotated.shape)
-        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
-        if error > 1e-4 * rotated.abs().max():
-            raise ValueError(
-                "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
-                "padding with an attention_mask, or a key-value cache): the rotary closed form "
-                "assumes plain positions. Run the section without attention_mask/cache, or "
-                "use exact probes."
-            )
-
-    def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
-        """What :meth:`edge_batch` reads in the graph's forward pass, by role.
-
-        The section's input (the whole activation, every position), the layer's q, k, v and
-        pattern, with a HookedTransformer's rotary embeddings the unrotated q (to check the
-        positions), and the rotary tables a bridge's Hugging Face attention is passed.
-
-        Args:
-            site: The graph layer at the section's input.
-            target: The graph layer at its output.
-
-        Raises:
-            ShapeMismatchError: If the layers are not this section's input and output.
-        """
-        names = (site.name, None if target is None else target.name)
-        if names != (self.source, self.target):
-            raise ShapeMismatchError(
-                f"This attention section maps {self.source!r} -> {self.target!r}, but was asked "
-                f"for the edges of {names[0]!r} -> {names[1]!r}: build it for the right layer "
-                "(attention_section_sites(model, layer, residual=...) gives its sites)."
-            )
-        roles = zip("qkvp", self.hooks, strict=True)
-        reads = {"x": site, **{role: Site(name) for role, name in roles}}
-        if self.rotary is not None and not self.rotates:
-            reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
-        for role, name in zip(("cos", "sin"), self.rotary_tables, strict=False):
-            reads[role] = Site(name)
-        return reads
+    """The edge methods of :class:`~degen_hooks.attention.AttentionSection`."""
 
     def edge_batch(
         self,
@@ -157,16 +72,11 @@ class AttentionEdges:
         """
         f64 = torch.float64
         elements = _closed_form.EDGE_ELEMENTS if elements is None else elements
-        n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
         act = reads["x"]
         x = src.site.features_last(act).to(f64)  # (b, pos, d_in)
         f = src.features(act)  # (b, K, r)
         device = f.device
-        q, k, v = (_heads(reads[role], n_heads, d_head) for role in "qkv")
-        pattern = reads["p"].to(f64)
-        plain_q = reads["plain_q"].to(f64) if "plain_q" in reads else None
-        tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
-        section, q, k = self._for_batch(q, k, pattern, plain_q, tables, reads["p"].dtype)
+        section, q, k, v, pattern = self._read(reads)  # type: ignore[attr-defined]
         inputs, outputs = src.positions_of(act), dst.positions_of(act)
         d_out = self.w_o.shape[2]
         readout = dst.rotation

@@ -1,9 +1,9 @@
 """The attention Jacobian Gram of a batch, without one row per (output, input, feature) (#16).
 
-Part of :mod:`degen_hooks.transformer_lens`. :func:`accumulate` adds a batch's Gram from its
+Part of :mod:`degen_hooks.attention`. :func:`accumulate` adds a batch's Gram from its
 pieces (:func:`lowrank_gram`), in blocks of samples and output positions whose temporaries
 stay within ``_ELEMENTS`` (beyond one output position of one sample), whatever the context. In
-the notation of ``_attention``'s module docstring (row convention, readout ``R``, ``g_hpj =
+the notation of :mod:`.section`'s docstring (row convention, readout ``R``, ``g_hpj =
 (v_hj - z_hp) W_O^h R``, ``key_hp = W_K^h q_hp / scale``), the read-out Jacobian of output ``p``
 with respect to input ``j`` is
 
@@ -37,7 +37,7 @@ term becomes ``key_hpj = W_K^h u_hpj``, ``u_hpj = M_j^T q_hp / scale``, which de
 input ``j``, and the query term ``W_Q^h M_p^T k_hl / scale``, so ``E_hp`` gets ``M_p`` on the
 right (fixed for the output ``p``). ``M_j^T y = cos_j y - F(sin_j y)`` (``F`` the signed pair
 flip) is linear in the tables, which carries the sums over ``j``
-(``_attention_gram_rotary``). With ``c_hgpj = w_p omega_bj A_hpj A_gpj`` and ``g_gpj = vo_gj -
+(:mod:`._gram_rotary`). With ``c_hgpj = w_p omega_bj A_hpj A_gpj`` and ``g_gpj = vo_gj -
 zo_gp`` (``vo_gj = v_gj W_O^g R``, ``zo_gp = z_gp W_O^g R``):
 
 * ``T = sum_hg V_h N_hg W_K^g^T``, ``N_hg = sum_bpj c_hgpj g_gpj u_gpj^T`` (``r x d_head``) =
@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from ..accumulators import SecondMoment
-from . import _attention_gram_rotary as _rotary
+from . import _gram_rotary as _rotary
 
 __all__ = ["accumulate", "lowrank_gram"]
 
@@ -102,7 +102,7 @@ def accumulate(
     """Add one batch's Jacobian Gram to ``gram``, from its pieces (:func:`lowrank_gram`).
 
     Args:
-        section: The :class:`~degen_hooks.transformer_lens.AttentionSection` (its ``rotary``
+        section: The :class:`~degen_hooks.attention.AttentionSection` (its ``rotary``
             the batch's, ``q`` and ``k`` the vectors its scores are made of).
         gram: The accumulator.
         q, k, v: ``(b, pos, n_heads, d_head)``; ``pattern`` ``(b, n_heads, pos, pos)``.

@@ -1,6 +1,6 @@
 """The rotary pieces of the attention Jacobian Gram (#16).
 
-Part of :mod:`degen_hooks.transformer_lens`: what :mod:`._attention_gram` adds when q and k are
+Part of :mod:`degen_hooks.attention`: what :mod:`._gram` adds when q and k are
 rotated per position (its module docstring has the derivation). The key term of output ``p``
 and input ``j`` is ``key_hpj = W_K^h u_hpj``, ``u_hpj = M_j^T q_hp / scale`` (``q`` rotated),
 so the Gram's key pieces are ``d_head``-sized accumulators over (head, head) pairs, multiplied
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._rotary import Rotary
+from .rotary import Rotary
 
 __all__ = ["RotaryBatch", "Turn", "add_keys", "finish", "finish_batch", "group_size", "per_output"]
 

@@ -212,8 +212,9 @@ class _Layer:
         return cls(
             w_k=w_k,
             wor=wor,
-            vw_rows=vw.transpose(1, 2).reshape(-1, vw.shape[1]),
-            wq_rows=(w_q.transpose(1, 2) / s.scale).reshape(-1, w_q.shape[1]),
+            # contiguous: with one head, reshape keeps the transposed view
+            vw_rows=vw.transpose(1, 2).reshape(-1, vw.shape[1]).contiguous(),
+            wq_rows=(w_q.transpose(1, 2) / s.scale).reshape(-1, w_q.shape[1]).contiguous(),
             readout_t=readout.T.contiguous(),
             scale=s.scale,
             turn=None if rotary is None else _rotary.Turn.of(rotary, w_q.shape[2], device),

@@ -554,3 +554,22 @@ def per_output_elements(section, n_pos: int, r: int, rotary: bool) -> int:
     if rotary:
         return n_heads * n_pos * (n_heads * d_head + r + max(r, d_head)) + r * d_in
     return n_heads * 2 * n_pos * max(r, d_head) + r * d_in
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_a_single_head_equals_exact_probes(tokens, rotary):
+    """One head: the stacked value rows of the heads are one (r, d) block, a transposed view
+    the Gram must not assume contiguous."""
+    config = {**toy_config("gelu", "LN"), "n_heads": 1, "d_head": 8}
+    if rotary:
+        config.update(positional_embedding_type="rotary", rotary_dim=8)
+    model = tl_model(**config)
+    source, target = attention_section_sites(model, 1)
+    site, out = dh.Site(source), dh.Site(target, positions=[1, 4])
+    exact = exact_gram(model, tokens, site, out, readout())
+    section = attention_section(model, 1)
+    closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
+    scale = float(exact.second_moment().abs().max())
+    torch.testing.assert_close(
+        closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-12 * scale
+    )

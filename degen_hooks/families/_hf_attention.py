@@ -10,14 +10,16 @@ never forms its pattern, so one forward pass reads
   fused ``c_attn``; biases included);
 * the ``(cos, sin)`` tables the model's rotary embedding passes every layer (Llama-style);
 * the input of the output projection (``o_proj``, GPT-2's ``c_proj``): the heads' outputs
-  ``z``.
+  ``z``;
+* the section's output, the residual stream after attention.
 
 Each batch rotates q and k by the tables the model was passed (so ``position_ids`` shared by
 the batch are followed), recomputes the causal pattern ``softmax(q k^T / scale)`` in float64,
-and checks it: ``z`` must equal ``pattern @ v`` to rounding. A batch whose attention differs
-(padding in an ``attention_mask``, per-row ``position_ids``, a cache, a sliding window shorter
-than the sequence, dropout in train mode, GPT-2's float32 ``reorder_and_upcast_attn``) is
-refused with what to do, never used.
+and checks it twice: ``z`` must equal ``pattern @ v``, and the output ``x + z W_O + b_O``, to
+rounding. A batch whose attention differs (padding in an ``attention_mask``, per-row
+``position_ids``, a cache, a sliding window shorter than the sequence, dropout in train mode,
+GPT-2's float32 ``reorder_and_upcast_attn``, anything else added to the residual stream
+between attention and the MLP's norm) is refused with what to do, never used.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ class HFAttentionSection(AttentionSection):
         projections: The q, k and v projections' paths (one path: GPT-2's fused ``c_attn``).
         mixer: The output projection's path: its input is the heads' outputs ``z``.
         tables: The rotary embedding module whose output is ``(cos, sin)``, or ``""``.
+        b_o: The output projection's bias ``(d_out,)``, or ``None`` (checks the output).
     """
 
     previous: str = ""
     projections: tuple[str, ...] = ()
     mixer: str = ""
     tables: str = ""
+    b_o: torch.Tensor | None = None
 
     def _check_sites(self, site: Site, target: Site | None) -> None:
         here = (site.name, site.io)
@@ -86,6 +90,7 @@ class HFAttentionSection(AttentionSection):
         names = ("qkv",) if len(self.projections) == 1 else ("q", "k", "v")
         reads = {role: Site(path) for role, path in zip(names, self.projections, strict=True)}
         reads["z"] = Site(self.mixer, io="input")
+        reads["y"] = Site(self.target, io="input", label=f"{self.target}:section output")
         if self.tables:
             reads["cos"] = Site(self.tables, element=0, label=f"{self.tables}:cos")
             reads["sin"] = Site(self.tables, element=1, label=f"{self.tables}:sin")
@@ -111,21 +116,26 @@ class HFAttentionSection(AttentionSection):
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.scale
         later = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
         pattern = torch.softmax(scores.masked_fill_(later, float("-inf")), dim=-1)
-        self._check(pattern, v, reads["z"])
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        _check("heads' outputs", z.flatten(2), reads["z"], float(v.abs().max()), self.source)
+        x = reads["x"].to(F64)
+        y = x + torch.einsum("bqhe,hed->bqd", z, self.w_o.to(x.device))
+        if self.b_o is not None:
+            y += self.b_o.to(x.device)
+        _check("output", y, reads["y"], float(y.abs().max()), self.source)
         return section, q, k, v, pattern
 
-    def _check(self, pattern: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> None:
-        """Refuse a batch whose heads' outputs are not ``pattern @ v`` to rounding."""
-        expected = torch.einsum("bhqk,bkhe->bqhe", pattern, v).flatten(2)
-        error = float((expected - z.to(F64)).abs().max())
-        size = float(v.abs().max())  # z is a mean of v's: |z| <= max |v|
-        bits = torch.finfo(z.dtype).bits if z.dtype.is_floating_point else 64
-        tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
-        if not error <= tolerance:
-            raise ValueError(
-                f"The attention of {self.source!r} differs from the closed form's by "
-                f"{error:.3g} (max |v| {size:.3g}, tolerance {tolerance:.2g}): {_HINT}"
-            )
+
+def _check(what: str, expected: torch.Tensor, got: torch.Tensor, size: float, at: str) -> None:
+    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``."""
+    error = float((expected - got.to(F64)).abs().max())
+    bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
+    tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
+    if not error <= tolerance:
+        raise ValueError(
+            f"The attention of {at!r} differs from the closed form's: its {what} by {error:.3g} "
+            f"(scale {size:.3g}, tolerance {tolerance:.2g}): {_HINT}"
+        )
 
 
 def hf_attention_section(
@@ -156,13 +166,14 @@ def hf_attention_section(
     kind, gain, _, eps = norm
     if model_type == "gpt2":
         attn = layer.attn
-        if getattr(attn, "is_cross_attention", False):
-            raise ValueError("Cross attention has no closed form here.")
+        if getattr(attn, "is_cross_attention", False) or hasattr(layer, "crossattention"):
+            raise ValueError("No closed form for a layer with cross attention.")
         fused = attn.c_attn.weight.detach().to(F64)  # Conv1D: x @ W, (d, 3 d)
         d_model = fused.shape[0]
         n_heads = int(attn.num_heads)
         w_q, w_k, w_v = (_heads_in(w, n_heads) for w in fused.split(d_model, dim=1))
         w_o = attn.c_proj.weight.detach().to(F64).reshape(n_heads, -1, d_model)
+        out_proj = attn.c_proj
         projections, mixer, tables = (f"{layer_path}.attn.c_attn",), "attn.c_proj", ""
     else:
         attn = layer.self_attn
@@ -175,6 +186,7 @@ def hf_attention_section(
             for n in "qkv"
         )
         w_o = attn.o_proj.weight.detach().to(F64).T.reshape(w_q.shape[0], d_head, -1)
+        out_proj = attn.o_proj
         projections = tuple(f"{layer_path}.self_attn.{n}_proj" for n in "qkv")
         mixer, tables = "self_attn.o_proj", _rotary_module(model)
     # Grouped-query attention: each key/value head serves consecutive query heads.
@@ -184,13 +196,19 @@ def hf_attention_section(
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, (int, float)):
         raise ValueError(f"{type(attn).__name__} keeps no scaling of its scores.")
+
     return HFAttentionSection(
         w_q=w_q.contiguous(), w_k=w_k.contiguous(), w_v=w_v.contiguous(),
         w_o=w_o.contiguous(), scale=1.0 / float(scaling), residual=True,
         source=layer_path, target=target, norm=kind, eps=eps,
         previous=layers[index - 1] if index else "", projections=projections,
-        mixer=f"{layer_path}.{mixer}", tables=tables,
+        mixer=f"{layer_path}.{mixer}", tables=tables, b_o=_bias(out_proj),
     )  # fmt: skip
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().to(F64).clone()
 
 
 def _heads_in(weight: torch.Tensor, n_heads: int | None, d_head: int | None = None) -> torch.Tensor:

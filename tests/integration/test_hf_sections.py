@@ -144,10 +144,11 @@ def test_attention_equals_exact_probes(family, positions, tokens):
         assert_gram(gram.second_moment(), expected)
 
 
-def test_qwen3_attention_is_left_to_backward_passes():
-    model = build("qwen3")
-    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
-    assert find_sections(model, sites[:1], sites[1]) == {}
+def test_attention_the_closed_form_does_not_cover_is_left_to_backward_passes():
+    """Qwen 3 norms q and k; a GPT-2 layer with cross attention adds it before the MLP."""
+    for model in (build("qwen3"), build("gpt2", add_cross_attention=True)):
+        sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
+        assert find_sections(model, sites[:1], sites[1]) == {}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -166,12 +167,14 @@ def test_attention_refuses_what_it_would_get_wrong(family, tokens):
         with pytest.raises(ValueError, match="differ across the batch.*position_ids"):
             section.gram_pass(model, [per_row], site, target, **run)
     model.train()
-    model.config.attn_pdrop = 0.5
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5
-    if family == "gpt2":
-        with pytest.raises(ValueError, match="eval mode"):
+    if family == "gpt2":  # dropout on the pattern, then only after the output projection
+        with pytest.raises(ValueError, match="heads' outputs.*eval mode"):
+            section.gram_pass(model, [tokens], site, target, **run)
+        model.get_submodule("transformer.h.1.attn.attn_dropout").p = 0.0
+        with pytest.raises(ValueError, match="its output.*eval mode"):
             section.gram_pass(model, [tokens], site, target, **run)
     model.eval()
     with pytest.raises(dh.ShapeMismatchError, match="decoder_sites"):

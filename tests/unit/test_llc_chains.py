@@ -18,10 +18,10 @@ from torch import nn
 
 from degen_hooks.llc import RMSPropSGLD, estimate_llc
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(effective draws|not flattened|disagree)")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*(effective draws|not flattened|disagree)"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def tanh_mlp() -> nn.Sequential:
@@ -178,3 +178,53 @@ def test_noise_drawn_in_place_equals_randn(size):
         buffer[1].normal_(generator=first)
         expected = torch.randn(size, generator=second, dtype=torch.float64)
         assert torch.equal(buffer[1], expected)
+
+
+def test_the_stacked_call_is_vmap():
+    """The stacked step's direct entry into the vmap level gives vmap's results bitwise: a
+    batched and an unbatched output, gradients through it, an error that leaves no level."""
+    from torch.func import vmap
+
+    from degen_hooks.llc._chains import stacked_call
+
+    model = tanh_mlp()
+    x = batches()[0]
+    names = [name for name, _ in model.named_parameters()]
+    stacked = [p.detach()[None].repeat(4, *[1] * p.ndim) for p in model.parameters()]
+    stacked = [w + 0.1 * torch.randn_like(w) for w in stacked]
+
+    def loss(*weights):
+        out = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (x,))
+        return out.square().mean()
+
+    def constant(*weights):
+        return x.sum()
+
+    for fn in (loss, constant):
+        leaves = [w.clone().requires_grad_(True) for w in stacked]
+        ours, theirs = stacked_call(fn)(*leaves), vmap(fn)(*stacked)
+        assert ours.shape == (4,) and torch.equal(ours, theirs)
+    leaves = [w.clone().requires_grad_(True) for w in stacked]
+    grads = torch.autograd.grad(stacked_call(loss)(*leaves).sum(), leaves)
+    for i in range(4):  # each chain's gradient is its own
+        single = [w[i].clone().requires_grad_(True) for w in stacked]
+        expected = torch.autograd.grad(loss(*single), single)
+        for grad, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(grad[i], want, rtol=1e-13, atol=1e-15)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        stacked_call(lambda *w: (w[0].sum(),))(*stacked)
+    with pytest.raises(RuntimeError):
+        stacked_call(lambda *w: w[0] @ torch.ones(7, 7, dtype=w[0].dtype))(*stacked)
+    assert torch.equal(vmap(loss)(*stacked), stacked_call(loss)(*stacked))  # no level left
+
+
+def test_the_stacked_call_falls_back_to_vmap(monkeypatch):
+    import sys
+    import types
+
+    from degen_hooks.llc._chains import stacked_call
+
+    monkeypatch.setitem(sys.modules, "torch._C._functorch", types.ModuleType("stripped"))
+    w = torch.randn(3, 2, dtype=torch.float64)
+    call = stacked_call(lambda v: v.square().sum())
+    assert torch.equal(call(w), w.square().sum(1))

@@ -58,6 +58,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "graph": ("benchmarks.bench_graph", "interaction-graph edges: closed form vs backward"),
     "transformer": ("benchmarks.bench_transformer", "GPT-2-small-shaped MLP statistics"),
     "lm": ("benchmarks.bench_lm", "LM-shaped LIB builds without backward passes"),
+    "lm_hf": ("benchmarks.bench_lm_hf", "the same on Hugging Face transformers models"),
     "llc": ("benchmarks.bench_llc_devinterp", "LLC estimate vs devinterp"),
     "llc_parallel": ("benchmarks.bench_llc_parallel", "LLC chains stacked vs one after another"),
     "llc_calibration": ("benchmarks.bench_llc_calibration", "LLC of potentials with known values"),

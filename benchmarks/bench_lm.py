@@ -179,16 +179,22 @@ def _rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # -- the benchmarks ---------------------------------------------------------------------------
 def bench_build(
-    name: str, model: nn.Module, batches: Sequence[torch.Tensor]
+    name: str,
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    build_fn: Any = build,
+    n_layers: int | None = None,
 ) -> tuple[list[dict[str, Any]], dh.InteractionBasis]:
+    """The build row: ``build_fn(model, batches)`` timed, its FLOPs counted, against the
+    float64 matrix-product rate measured before and after."""
     n_tokens = sum(b.numel() for b in batches)
-    n_layers = model.cfg.n_layers
-    build(model, batches[:1])  # warm-up: lazy initialisation
+    n_layers = model.cfg.n_layers if n_layers is None else n_layers
+    build_fn(model, batches[:1])  # warm-up: lazy initialisation
     rate = float64_rate()
     counter = flop_counter()
     started = time.perf_counter()
     with counter:
-        basis = build(model, batches)
+        basis = build_fn(model, batches)
     seconds = time.perf_counter() - started
     flops = float(counter.get_total_flops())
     rate_after = float64_rate()

@@ -31,10 +31,11 @@ Rotary embeddings rotate q and k per position, ``q'_hp = M_p q_hp``: the scores 
 the rotated vectors, and the key and query terms become ``W_K^h M_j^T q'_hp`` and
 ``W_Q^h M_p^T k'_hl`` (positions ``0 .. n-1``: no left-padding offsets).
 
-A family's section subclasses :class:`AttentionSection` with two methods: ``_reads()``, the
-:class:`~degen_hooks.Site` of each tensor a forward pass must read, by role, and
+A family's section subclasses :class:`AttentionSection` with three methods: ``_reads()``,
+the :class:`~degen_hooks.Site` of each tensor a forward pass must read, by role;
 ``_read(reads)``, which turns them into the batch's float64 ``(section, q, k, v, pattern)``
-(q and k rotated, the pattern checked where it is recomputed), and ``_check_sites``.
+(q and k rotated, the pattern checked where it is recomputed); and ``_check_sites(site,
+target)``, which refuses sites that are not the section's.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ consecutive sites of one decoder layer (and from the last layer to the logits),
 * ``resid_mid -> mlp_hidden``: the norm, the input projection(s) and the activation;
 * ``mlp_hidden -> resid_post``: the output projection, a linear
   :class:`~degen_hooks.MLPSection`;
+* ``resid_post`` -> the next layer's ``resid_pre``: the same tensor, the identity;
 * the last ``resid_post -> logits``: the final norm and the unembedding.
 
 Covered: GPT-2 (LayerNorm, ``Conv1D`` projections) and the Llama layout with separate gate
@@ -144,6 +145,9 @@ def _section(
     to = _role(target, layers, layout)
     if to is None or to[0] != index or not same_positions(site.positions, target.positions):
         return None
+    if (kind, to[1]) == ("resid_post", "resid_post"):  # a layer's output, the next one's input
+        width = int(model.config.hidden_size)
+        return MLPSection(torch.eye(width, dtype=F64), torch.eye(width, dtype=F64), "identity")
     layer = model.get_submodule(layers[index])
     if (kind, to[1]) == ("resid_mid", "resid_post"):
         return _block(model, model_type, layer, layout, "resid_post")

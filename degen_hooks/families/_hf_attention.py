@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._errors import ShapeMismatchError
+from .._weights import float64_copy
 from ..attention import AttentionSection
 from ..attention.rotary import passed_rotary
 from ..attention.section import heads
@@ -168,11 +169,11 @@ def hf_attention_section(
         attn = layer.attn
         if getattr(attn, "is_cross_attention", False) or hasattr(layer, "crossattention"):
             raise ValueError("No closed form for a layer with cross attention.")
-        fused = attn.c_attn.weight.detach().to(F64)  # Conv1D: x @ W, (d, 3 d)
+        fused = float64_copy(attn.c_attn.weight)  # Conv1D: x @ W, (d, 3 d)
         d_model = fused.shape[0]
         n_heads = int(attn.num_heads)
         w_q, w_k, w_v = (_heads_in(w, n_heads) for w in fused.split(d_model, dim=1))
-        w_o = attn.c_proj.weight.detach().to(F64).reshape(n_heads, -1, d_model)
+        w_o = float64_copy(attn.c_proj.weight).reshape(n_heads, -1, d_model)
         out_proj = attn.c_proj
         projections, mixer, tables = (f"{layer_path}.attn.c_attn",), "attn.c_proj", ""
     else:
@@ -182,10 +183,10 @@ def hf_attention_section(
             raise ValueError(f"No closed form for attention with {odd or 'soft-capped scores'}.")
         d_head = int(attn.head_dim)
         w_q, w_k, w_v = (
-            _heads_in(getattr(attn, f"{n}_proj").weight.detach().to(F64).T, None, d_head)
+            _heads_in(float64_copy(getattr(attn, f"{n}_proj").weight).T, None, d_head)
             for n in "qkv"
         )
-        w_o = attn.o_proj.weight.detach().to(F64).T.reshape(w_q.shape[0], d_head, -1)
+        w_o = float64_copy(attn.o_proj.weight).T.reshape(w_q.shape[0], d_head, -1)
         out_proj = attn.o_proj
         projections = tuple(f"{layer_path}.self_attn.{n}_proj" for n in "qkv")
         mixer, tables = "self_attn.o_proj", _rotary_module(model)
@@ -208,7 +209,7 @@ def hf_attention_section(
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
-    return None if bias is None else bias.detach().to(F64).clone()
+    return None if bias is None else float64_copy(bias)
 
 
 def _heads_in(weight: torch.Tensor, n_heads: int | None, d_head: int | None = None) -> torch.Tensor:

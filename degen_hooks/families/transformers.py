@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .._positions import same_positions
+from .._weights import float64_copy
 from ..closed_form import MLPSection, activation_derivative
 from ..normed_section import NormedMLPSection
 from ..sites import Site, _unwrap
@@ -161,19 +162,19 @@ def _section(
 
 def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight in nn.Linear layout (out, in), bias)`` of a Linear or GPT-2 ``Conv1D``."""
-    weight = module.weight.detach().to(F64)
+    weight = float64_copy(module.weight)
     if not isinstance(module, nn.Linear):  # transformers' Conv1D: y = x @ W + b
         weight = weight.T
     bias = getattr(module, "bias", None)
-    return weight.clone(), None if bias is None else bias.detach().to(F64).clone()
+    return weight, None if bias is None else float64_copy(bias)
 
 
 def _norm(module: nn.Module) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
     """``(kind, gain, bias, eps)`` of a LayerNorm or an RMSNorm module."""
     gain = getattr(module, "weight", None)
-    gain = None if gain is None else gain.detach().to(F64)
+    gain = None if gain is None else float64_copy(gain)
     if isinstance(module, nn.LayerNorm):
-        bias = None if module.bias is None else module.bias.detach().to(F64)
+        bias = None if module.bias is None else float64_copy(module.bias)
         return "LN", gain, bias, float(module.eps)
     if "RMSNorm" in type(module).__name__:
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import ShapeMismatchError
+from .._weights import float64_copy
 from ..attention import AttentionSection as _Core
 from ..attention.rotary import Rotary, check_pattern, passed_rotary
 from ..attention.section import heads
@@ -228,7 +229,7 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     (index,) = _layers(model, layer)
     cfg = _cfg(model)
     attn = _unwrap(model)[0].blocks[index].attn
-    w_q, w_k, w_v, w_o = (getattr(attn, f"W_{n}").detach().to(torch.float64) for n in "QKVO")
+    w_q, w_k, w_v, w_o = (float64_copy(getattr(attn, f"W_{n}")) for n in "QKVO")
     # Grouped-query attention: a bridge keeps n_key_value_heads key/value weights, each
     # serving n_heads / n_key_value_heads consecutive query heads.
     w_k, w_v = (w.repeat_interleave(w_q.shape[0] // w.shape[0], dim=0) for w in (w_k, w_v))
@@ -244,8 +245,8 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         rotary, tables = bridge_rotary(attn, cfg, index)
     elif getattr(cfg, "positional_embedding_type", "standard") == "rotary":
         rotary = Rotary(
-            cos=attn.rotary_cos.detach().to(torch.float64).clone(),
-            sin=attn.rotary_sin.detach().to(torch.float64).clone(),
+            cos=float64_copy(attn.rotary_cos),
+            sin=float64_copy(attn.rotary_sin),
             adjacent_pairs=bool(getattr(cfg, "rotary_adjacent_pairs", False)),
         )
         hooks = ("hook_rot_q", "hook_rot_k", "hook_v", "hook_pattern")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._weights import float64_copy
 from ..closed_form import MLPSection
 from ..normed_section import NormedMLPSection
 from ..sites import _unwrap
@@ -44,13 +45,13 @@ def _norm_bias(module: nn.Module, cfg: Any) -> torch.Tensor | None:
     for name in ("b", "bias"):  # HookedTransformer, TransformerBridge
         bias = getattr(module, name, None)
         if isinstance(bias, torch.Tensor):
-            return bias.detach().to(F64)
+            return float64_copy(bias)
     return None
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     value = getattr(module, name, None)
-    return value.detach().to(F64) if isinstance(value, torch.Tensor) else None
+    return float64_copy(value) if isinstance(value, torch.Tensor) else None
 
 
 def _check_no_projection_bias(mlp: nn.Module, d_mlp: int, index: int) -> None:
@@ -89,17 +90,17 @@ def block_mlp_section(model: nn.Module, layer: int, *, output: str) -> NormedMLP
     block = _unwrap(model)[0].blocks[index]
     mlp, gated = block.mlp, bool(getattr(cfg, "gated_mlp", False))
     activation = elementwise_activation(cfg, index)
-    w_up = mlp.W_in.detach().to(F64).T  # (d_mlp, d_model)
+    w_up = float64_copy(mlp.W_in).T  # (d_mlp, d_model)
     if gated:
         # HookedTransformer adds b_in after the product (act(gate) * up + b_in): no bias
         # inside. A bridge wraps the Hugging Face MLP, whose projections must have none.
         _check_no_projection_bias(mlp, w_up.shape[0], index)
-        w_in = torch.cat([mlp.W_gate.detach().to(F64).T, w_up])
+        w_in = torch.cat([float64_copy(mlp.W_gate).T, w_up])
         bias = torch.zeros(w_in.shape[0], dtype=F64)
     else:
         w_in, bias = w_up, _tensor(mlp, "b_in")
         bias = torch.zeros(w_up.shape[0], dtype=F64) if bias is None else bias
-    w_out = mlp.W_out.detach().to(F64).T  # (d_model, d_mlp)
+    w_out = float64_copy(mlp.W_out).T  # (d_model, d_mlp)
     if output == "hook_pre":  # the gate's pre-activations of a gated MLP
         rows = slice(0, w_up.shape[0])
         w_in, bias, w_out, activation, gated = w_in[rows], bias[rows], None, "identity", False
@@ -139,7 +140,7 @@ def mlp_output_section(model: nn.Module, layer: int, *, source: str = "hook_post
     cfg = _cfg(model)
     gated = bool(getattr(cfg, "gated_mlp", False))
     _check_mlp(cfg, gated_ok=source == "hook_post")
-    w_out = _unwrap(model)[0].blocks[index].mlp.W_out.detach().to(F64).T.clone()
+    w_out = float64_copy(_unwrap(model)[0].blocks[index].mlp.W_out).T
     eye = torch.eye(w_out.shape[1], dtype=F64)
     if source == "hook_post":
         return MLPSection(eye, w_out, "identity")
@@ -154,7 +155,7 @@ def unembed_section(model: nn.Module) -> NormedMLPSection | MLPSection:
     """The last ``hook_resid_post`` to the logits: the final norm (if any) and ``W_U``."""
     cfg = _cfg(model)
     inner = _unwrap(model)[0]
-    w_u = inner.unembed.W_U.detach().to(F64).T.clone()  # (d_vocab, d_model)
+    w_u = float64_copy(inner.unembed.W_U).T  # (d_vocab, d_model)
     kind = _norm_kind(cfg)
     if kind is None:  # (eye, W_U), not (W_U, eye): never a d_vocab x d_vocab matrix
         return MLPSection(torch.eye(w_u.shape[1], dtype=F64), w_u, "identity")

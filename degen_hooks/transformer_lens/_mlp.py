@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._weights import float64_copy
 from ..closed_form import MLPSection, activation_derivative
 from ..sites import _unwrap
 from ._names import _NORMS, _PARAM_FREE_NORMS, _cfg, _layers, site_modules
@@ -156,7 +157,7 @@ def norm_gain(module: nn.Module, cfg: Any) -> torch.Tensor | None:
         weight = getattr(module, "weight", None)  # TransformerBridge
     if not isinstance(weight, torch.Tensor):
         return None
-    weight = weight.detach()
+    weight = float64_copy(weight)
     return 1.0 + weight if getattr(cfg, "rmsnorm_uses_offset", False) else weight
 
 
@@ -200,8 +201,8 @@ def mlp_section(model: nn.Module, layer: int, *, residual: bool = False) -> MLPS
     cfg = _cfg(model)
     activation = elementwise_activation(cfg, index)
     mlp = _unwrap(model)[0].blocks[index].mlp
-    w_in = mlp.W_in.detach().to(torch.float64).T.clone()  # (d_mlp, d_model)
-    w_out = mlp.W_out.detach().to(torch.float64).T.clone()  # (d_model, d_mlp)
+    w_in = float64_copy(mlp.W_in).T  # (d_mlp, d_model)
+    w_out = float64_copy(mlp.W_out).T  # (d_model, d_mlp)
     gain = _norm_weight(model, index, cfg)
     if gain is not None:
         w_in = w_in * gain.to(w_in)[None, :]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._weights import float64_copy
 from ..attention.rotary import Rotary
 
 
@@ -105,9 +106,7 @@ def _native_rotary(module: nn.Module, d_head: int, index: int) -> Rotary:
     """The fixed tables of a native bridge's rotary module, in the convention it applies
     (found by rotating a random input both ways)."""
     f64 = torch.float64
-    cos, sin = (
-        getattr(module, name).detach().to(f64).clone() for name in ("cos_cached", "sin_cached")
-    )
+    cos, sin = (float64_copy(getattr(module, name)) for name in ("cos_cached", "sin_cached"))
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 1, cos.shape[0], d_head, generator=generator, dtype=f64)
     probe = probe.to(cos.device)  # (batch, heads, pos, d_head), the module's layout

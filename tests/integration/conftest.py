@@ -148,3 +148,32 @@ def warmed_up(model, tokens):
     with torch.no_grad():
         model(tokens)
     return model
+
+
+@pytest.fixture
+def shard():
+    """``shard(model, parts)``: FSDP2's ``fully_shard`` on each of ``parts`` and the root, in
+    a one-rank gloo group of this process (torch.distributed's DTensor weights, no workers)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        pytest.skip("torch.distributed.fsdp.fully_shard is not available")
+    from tests.unit.test_distributed import _free_port
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=1)
+
+    def apply(model: nn.Module, parts: list[nn.Module]) -> nn.Module:
+        mesh = init_device_mesh("cpu", (1,))
+        for part in parts:
+            fully_shard(part, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    try:
+        yield apply
+    finally:
+        dist.destroy_process_group()

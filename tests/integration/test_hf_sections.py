@@ -236,3 +236,17 @@ def test_attention_edges_equal_backward_passes(family, tokens):
                                        atol=1e-14 * float(expected.max()))  # fmt: skip
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_closed_forms_on_an_fsdp2_sharded_model(family, tokens, shard):
+    """FSDP2 leaves DTensor shards in the weights: the sections gather them whole, and a
+    build with no backward pass equals the unsharded model's."""
+    model, plain = float64_norms(build(family)), float64_norms(build(family))
+    model = shard(model, [model.get_submodule(layer) for layer in hf.decoder_layers(model)])
+    assert type(next(model.parameters())).__name__ == "DTensor"
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid", "mlp_hidden", "resid_post"])
+    data, common = [tokens[:3], tokens[3:]], {"forward": hf.forward, "progress": False}
+    sharded = dh.build_bases(model, sites, data, **common)
+    assert all(label.endswith("(closed form)") for label in sharded.timings_ if "jac" in label)
+    assert_same_bases(sharded, dh.build_bases(plain, sites, data, **common))

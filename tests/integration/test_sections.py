@@ -8,7 +8,10 @@ import pytest
 
 import degen_hooks as dh
 from degen_hooks.transformer_lens import find_sections
+from tests.cases import tl_model
 from tests.reference import assert_same_bases
+
+from .conftest import requires_hooked, toy_config
 
 
 def residual_sites(positions=None) -> list[dh.Site]:
@@ -73,3 +76,22 @@ def test_auto_build_equals_backward_passes(plain_model, tokens, positions):
     assert len(closed) == 5 and not any("closed" in label for label in probed.timings_)
     assert auto.sites_ == probed.sites_
     assert_same_bases(auto, probed)
+
+
+@requires_hooked
+@pytest.mark.parametrize("norm", [None, "LN", "RMS"])
+def test_closed_forms_on_an_fsdp2_sharded_model(tokens, shard, norm):
+    """FSDP2 leaves DTensor shards in the weights: the sections gather them whole, and a
+    build with no backward pass equals the unsharded model's."""
+    config = toy_config("gelu", norm)
+    model, plain = tl_model(**config), tl_model(**config)
+    plain.load_state_dict(model.state_dict())
+    model = shard(model, list(model.blocks))
+    assert type(model.blocks[0].attn.W_Q).__name__ == "DTensor"
+    hooks = ("hook_resid_pre", "hook_resid_mid", "mlp.hook_post")
+    sites = [f"blocks.{layer}.{hook}" for layer in (0, 1) for hook in hooks]
+    sites.append("blocks.1.hook_resid_post")
+    data = list(tokens.split(3))
+    sharded = dh.build_bases(model, sites, data, progress=False)
+    assert all(label.endswith("(closed form)") for label in sharded.timings_ if "jac" in label)
+    assert_same_bases(sharded, dh.build_bases(plain, sites, data, progress=False))

@@ -250,3 +250,71 @@ def test_closed_forms_on_an_fsdp2_sharded_model(family, tokens, shard):
     sharded = dh.build_bases(model, sites, data, **common)
     assert all(label.endswith("(closed form)") for label in sharded.timings_ if "jac" in label)
     assert_same_bases(sharded, dh.build_bases(plain, sites, data, **common))
+
+
+FSDP_WORKER = """
+import sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+import degen_hooks as dh
+from degen_hooks.families import hf
+from tests.integration.test_hf_sections import fsdp_case
+
+torch.set_num_threads(1)
+rank, world, port, out = sys.argv[1:5]
+rank, world = int(rank), int(world)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                        world_size=world, timeout=timedelta(seconds=600))
+mesh = init_device_mesh("cpu", (world,))
+model, sites, data = fsdp_case()
+for layer in hf.decoder_layers(model):
+    fully_shard(model.get_submodule(layer), mesh=mesh)
+fully_shard(model, mesh=mesh)
+basis = dh.build_bases(model, sites, data[rank::world], forward=hf.forward, distributed=True,
+                       progress=False)
+closed = [label for label in basis.timings_ if label.endswith("(closed form)")]
+state = {f"projector/{key}": basis.projector(key) for key in basis.sites_}
+state.update({f"lambdas/{key}": basis.lambdas_[key] for key in basis.sites_})
+state["n_closed"] = torch.tensor(len(closed))
+save_file(state, f"{out}/rank{rank}.safetensors")
+dist.destroy_process_group()
+"""
+
+
+def fsdp_case():
+    """The model, sites and batches of the two-rank FSDP2 build (each rank takes every
+    other batch)."""
+    model = float64_norms(build("llama"))
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid", "mlp_hidden", "resid_post"])
+    tokens = torch.randint(1, 50, (16, 5), generator=torch.Generator().manual_seed(4))
+    return model, sites, list(tokens.split(4))
+
+
+def test_closed_forms_on_two_fsdp2_ranks(tmp_path):
+    """Two ranks shard the model (FSDP2, gloo) and build on their own batches with no backward
+    pass (distributed=True): each holds the basis of the whole model on all the batches."""
+    from safetensors.torch import load_file
+
+    from tests.unit.test_distributed import launch_workers
+
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    pytest.importorskip("torch.distributed.fsdp", reason="fully_shard needs torch >= 2.6")
+    logs = launch_workers(FSDP_WORKER, tmp_path)
+    model, sites, data = fsdp_case()
+    want = dh.build_bases(model, sites, data, forward=hf.forward, progress=False)
+    for rank in range(2):
+        path = tmp_path / f"rank{rank}.safetensors"
+        assert path.exists(), f"rank {rank} saved nothing; its output:\n{logs[rank]}"
+        got = load_file(str(path))
+        assert int(got["n_closed"]) == len(sites)
+        for key in want.sites_:
+            scale = float(want.lambdas_[key].max())
+            torch.testing.assert_close(got[f"lambdas/{key}"], want.lambdas_[key], rtol=0,
+                                       atol=1e-9 * scale)  # fmt: skip
+            torch.testing.assert_close(got[f"projector/{key}"], want.projector(key), rtol=0,
+                                       atol=1e-7)  # fmt: skip

@@ -55,7 +55,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -151,16 +151,28 @@ def reference_gram(
     """``M'`` of ``site`` through ``target`` (``None``: the logits) read out by ``readout``:
     one ``autograd.grad`` per (output position, feature), dense ``(features, batch, pos,
     d)`` buffers, every position a sample and every (position, feature) a probe."""
+
+    def passes() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            store, handles = _capture(model, [site] + ([target] if target else []), detach=False)
+            try:
+                out = model(batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            yield store[site], store[target] if target else out
+
+    return probed_gram(passes(), readout)
+
+
+def probed_gram(
+    passes: Iterable[tuple[torch.Tensor, torch.Tensor]], readout: torch.Tensor
+) -> torch.Tensor:
+    """The per-feature reference's Gram from ``(x, y)`` of each forward pass (``y`` in the
+    autograd graph of ``x``): one ``autograd.grad`` per (output position, feature) of
+    ``y @ readout``, a dense buffer of one position's probes at a time."""
     gram, n_rows = None, 0
-    for batch in batches:
-        store, handles = _capture(model, [site] + ([target] if target else []), detach=False)
-        try:
-            out = model(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        x = store[site]
-        y = store[target] if target else out
+    for x, y in passes:
         features = y.to(F64) @ readout.to(F64)  # (batch, pos, r)
         buffer = x.new_zeros(features.shape[2], *x.shape, dtype=F64)  # one position's probes
         for position in range(features.shape[1]):

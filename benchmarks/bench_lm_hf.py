@@ -37,7 +37,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,6 +48,7 @@ from benchmarks.bench_lm import (  # noqa: E402
     REFERENCE_SPEEDUP,
     _rel_diff,
     bench_build,
+    probed_gram,
 )
 from degen_hooks.families import hf  # noqa: E402
 
@@ -142,26 +143,18 @@ def reference_gram(
 ) -> torch.Tensor:
     """``M'`` of ``site`` through ``target`` (``None``: the logits), one ``autograd.grad``
     per (output position, feature), every position a sample (``bench_lm``'s reference)."""
-    gram, n_rows = None, 0
-    for batch in batches:
-        store, handles = _site_tensors(model, [site] + ([target] if target else []))
-        try:
-            out = hf.forward(model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        x = store[site.key]
-        y = store[target.key] if target else out
-        features = y.to(F64) @ readout.to(F64)  # (batch, pos, r)
-        buffer = x.new_zeros(features.shape[2], *x.shape, dtype=F64)
-        for position in range(features.shape[1]):
-            for j in range(features.shape[2]):
-                (grad,) = torch.autograd.grad(features[:, position, j].sum(), x, retain_graph=True)
-                buffer[j] = grad.to(F64)
-            rows = buffer.reshape(-1, x.shape[-1])
-            gram = rows.T @ rows if gram is None else gram + rows.T @ rows
-        n_rows += x.shape[0] * x.shape[1]
-    return gram / n_rows
+
+    def passes() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            store, handles = _site_tensors(model, [site] + ([target] if target else []))
+            try:
+                out = hf.forward(model, batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            yield store[site.key], store[target.key] if target else out
+
+    return probed_gram(passes(), readout)
 
 
 def bench_reference(

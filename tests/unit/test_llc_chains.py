@@ -222,9 +222,17 @@ def test_the_stacked_call_falls_back_to_vmap(monkeypatch):
     import sys
     import types
 
+    from degen_hooks.llc import _chains
     from degen_hooks.llc._chains import stacked_call
 
+    wrapped = []
+
+    def spy(fn):  # torch.func.vmap, recording that the fallback took it
+        wrapped.append(fn)
+        return torch.func.vmap(fn)
+
     monkeypatch.setitem(sys.modules, "torch._C._functorch", types.ModuleType("stripped"))
+    monkeypatch.setattr(_chains, "vmap", spy)
     w = torch.randn(3, 2, dtype=torch.float64)
     call = stacked_call(lambda v: v.square().sum())
-    assert torch.equal(call(w), w.square().sum(1))
+    assert len(wrapped) == 1 and torch.equal(call(w), w.square().sum(1))

@@ -62,16 +62,18 @@ class MLPPasses:
         readout: torch.Tensor | None = None,
         *,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         progress: bool = True,
     ) -> SecondMoment:
-        """One forward pass collecting the derivative moments, then :meth:`gram_from`."""
+        """One forward pass collecting the derivative moments, then :meth:`gram_from`
+        (``mask``: each batch's padding mask, as ``run.over`` takes it)."""
         from .collect import collect
 
         shared = self.shared_site(site)
         sites = [site] if shared is None else [site, shared[0]]
         derivatives = {} if shared is None else {shared[0].key: shared[1]}
         with collect(model, sites, derivatives=derivatives) as run:
-            run.over(data, forward=forward, progress=progress)
+            run.over(data, forward=forward, mask=mask, progress=progress)
         stats = None if shared is None else run.stats[shared[0].key]
         gram = self.gram_from(stats, readout)
         return SecondMoment.from_matrix(gram, run.stats[site.key].acts.n_samples)

@@ -15,7 +15,7 @@ import torch
 
 from ._errors import ShapeMismatchError
 
-__all__ = ["Positions", "position_cells", "select_positions"]
+__all__ = ["Positions", "padding_mask", "position_cells", "select_positions"]
 
 Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
 
@@ -63,13 +63,7 @@ def select_positions(
             "dimension (expected (batch, pos, ..., d)); drop positions=/set_mask() for it."
         )
     if mask is not None:
-        mask = torch.as_tensor(mask, device=act.device).bool()
-        if tuple(mask.shape) != tuple(act.shape[:2]):
-            raise ShapeMismatchError(
-                f"Mask of shape {tuple(mask.shape)} does not match site {key!r} with "
-                f"activations {tuple(act.shape)}: expected a (batch, pos) = "
-                f"{tuple(act.shape[:2])} boolean mask."
-            )
+        mask = padding_mask(mask, act, key)
     if positions == "last" and mask is not None:
         # With padding, "last" is each row's last unmasked position (rows of padding only
         # are dropped).
@@ -90,6 +84,23 @@ def select_positions(
     if mask is not None:
         return act[mask].reshape(-1, act.shape[-1])
     return act
+
+
+def padding_mask(mask: Any, act: torch.Tensor, key: str) -> torch.Tensor:
+    """``mask`` as a ``(batch, pos)`` bool tensor on ``act``'s device, checked against
+    ``act`` (``(batch, pos, ...)``) at site ``key``.
+
+    Raises:
+        ShapeMismatchError: If its shape is not ``act``'s ``(batch, pos)``.
+    """
+    mask = torch.as_tensor(mask, device=act.device).bool()
+    if tuple(mask.shape) != tuple(act.shape[:2]):
+        raise ShapeMismatchError(
+            f"Mask of shape {tuple(mask.shape)} does not match site {key!r} with "
+            f"activations {tuple(act.shape)}: expected a (batch, pos) = "
+            f"{tuple(act.shape[:2])} boolean mask."
+        )
+    return mask
 
 
 def position_cells(

@@ -53,7 +53,7 @@ from .accumulators import SecondMoment
 from .basis import InteractionBasis, pca_rotation
 from .collect import collect
 from .distributed import all_reduce_
-from .section import shares_pass
+from .section import shares_pass, takes_mask
 from .sites import Site
 from .statistics import SiteStatistics, Statistics
 
@@ -220,12 +220,16 @@ def build_bases(
             "activation pass already runs without gradients)."
         )
     if mask is not None:
-        passes = [k for k, section in sections.items() if not shares_pass(section)]
+        passes = [
+            k
+            for k, section in sections.items()
+            if not shares_pass(section) and not takes_mask(section)
+        ]
         if passes:
             raise ValueError(
                 f"build_bases(mask=...) with the closed-form sections of {passes}: their "
-                "forward passes take no padding mask yet. Pass sections=None for backward "
-                "passes at those sites, or batches without padding."
+                "gram_pass takes no padding mask (no mask= parameter). Pass sections=None "
+                "for backward passes at those sites, or batches without padding."
             )
     call = forward or (lambda model, batch: model(batch))
     target = out_site if out_site is not None else Site("", label=MODEL_OUTPUT)
@@ -338,7 +342,10 @@ def build_bases(
         elif section is not None:  # a section with a forward pass of its own
             # The last site's section maps it to the model output (Site("") is the root).
             target = target_kw.get("target") or Site("", positions=output_positions)
-            gram = section.gram_pass(model, data, site, _as_site(target), readout, **common)
+            masked = {} if mask is None else {"mask": mask}
+            gram = section.gram_pass(
+                model, data, site, _as_site(target), readout, **common, **masked
+            )
             stats[site.key].grads = combined(gram)
             if gram.n_samples == 0:
                 _check_pass_saw_batches(label, stats, Statistics(), site.key, data)

@@ -190,13 +190,15 @@ class NormedMLPSection(NormedEdges):
         readout: torch.Tensor | None = None,
         *,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         progress: bool = True,
     ) -> SecondMoment:
         """One forward pass over ``data``: the Jacobian Gram of ``site`` read through ``target``.
 
         Equal to the Gram ``dh.collect(model, [site], jacobians="exact", target=target,
-        readout=readout)`` accumulates, without a backward pass. Each forward pass stops once
-        ``site`` (the section's input, before the norm) is read.
+        readout=readout)`` accumulates, without a backward pass (with ``mask``, under
+        ``run.set_mask(mask(batch))``). Each forward pass stops once ``site`` (the section's
+        input, before the norm) is read.
 
         Args:
             model: The model holding the section.
@@ -206,13 +208,15 @@ class NormedMLPSection(NormedEdges):
                 by position).
             readout: ``(d_out, r)``; identity when ``None``.
             forward: ``forward(model, batch) -> output``.
+            mask: ``mask(batch) -> (batch, pos)`` boolean mask of the real tokens: padding
+                is no sample (``"last"``: each row's last real token).
             progress: Show a tqdm progress bar.
 
         Returns:
             The Gram as a :class:`~degen_hooks.SecondMoment` over the site's samples.
 
         Raises:
-            ShapeMismatchError: If the positions differ, the readout does not fit the output,
+            ShapeMismatchError: If the positions differ, the readout or a mask does not fit,
                 or the site's width is not the section's.
             RuntimeError: If a forward pass never reaches ``site``.
         """
@@ -226,9 +230,10 @@ class NormedMLPSection(NormedEdges):
         moments = _Moments(self, readout)
         (resolved, module), call = resolve_sites(model, [site])[0], forward or _call
         captured: list[torch.Tensor] = []
+        padding: list[Any] = [None]  # the batch's mask
 
         def keep(act: torch.Tensor) -> None:
-            captured.append(resolved.rows(act.detach()))
+            captured.append(resolved.rows(act.detach(), padding[0]))
             raise _Done
 
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
@@ -239,6 +244,7 @@ class NormedMLPSection(NormedEdges):
         with SiteHook(model, resolved, module, keep):
             for batch in bar:
                 captured.clear()
+                padding[0] = None if mask is None else mask(batch)
                 with torch.no_grad(), contextlib.suppress(_Done):
                     call(model, batch)
                 if not captured:

@@ -4,9 +4,10 @@ A *section* maps one site to the next (or to the model output) by a known functi
 Jacobian Gram and its interaction-graph edges need no backward pass (#16, #19). Every
 section offers three methods:
 
-* ``gram_pass(model, data, site, target, readout=None, *, forward=None, progress=True)``
-  returns the Jacobian Gram of ``site`` read out through ``target`` as a
-  :class:`~degen_hooks.SecondMoment`, equal to the Gram of exact probes;
+* ``gram_pass(model, data, site, target, readout=None, *, forward=None, mask=None,
+  progress=True)`` returns the Jacobian Gram of ``site`` read out through ``target`` as a
+  :class:`~degen_hooks.SecondMoment`, equal to the Gram of exact probes (``mask(batch)``:
+  each batch's ``(batch, pos)`` padding mask, as exact probes under ``run.set_mask``);
 * ``edge_reads(site, target)`` names what one forward pass must read, ``{role: Site}``;
 * ``edge_batch(reads, src, dst, alphas, weights, *, signs=None, elements=None)`` gives one
   batch's edge sums ``(r_next, r)`` and its number of rows, from those reads.
@@ -25,6 +26,7 @@ Model families only *find* sections (``find_sections``); the core never imports 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,7 +36,7 @@ from torch import nn
 from .accumulators import SecondMoment
 from .sites import Site
 
-__all__ = ["Section", "bind", "bound", "is_section", "shares_pass"]
+__all__ = ["Section", "bind", "bound", "is_section", "shares_pass", "takes_mask"]
 
 
 @runtime_checkable
@@ -50,6 +52,7 @@ class Section(Protocol):
         readout: torch.Tensor | None = None,
         *,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         progress: bool = True,
     ) -> SecondMoment: ...
 
@@ -71,6 +74,16 @@ class Section(Protocol):
 def is_section(obj: Any) -> bool:
     """Whether ``obj`` has the section interface."""
     return all(callable(getattr(obj, name, None)) for name in ("gram_pass", "edge_batch"))
+
+
+def takes_mask(section: Any) -> bool:
+    """Whether ``section.gram_pass`` takes a padding mask (``mask=``; a section written
+    before the protocol had it may not)."""
+    try:
+        parameters = inspect.signature(section.gram_pass).parameters
+    except (TypeError, ValueError):  # no signature to read: assume not
+        return False
+    return "mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def shares_pass(section: Any) -> bool:

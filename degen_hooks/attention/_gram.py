@@ -9,10 +9,12 @@ with respect to input ``j`` is
 
     F_pj = F0_pj + [p = j] (Q_p + R^T),   F0_pj = sum_h A_hpj ((W_V^h W_O^h R)^T + g_hpj key_hp^T),
 
-with ``Q_p`` the query term. The Gram ``sum_{b,p,j} w_p F_pj^T F_pj`` (then through the norm
-``D_j`` of the input) is computed from its pieces instead of from its ``P K r`` rows per
-sample. With ``V_h = W_V^h W_O^h R`` (``d x r``) and per-input weights ``omega_bj`` (1, or
-``1/sigma_bj^2`` after a norm):
+with ``Q_p`` the query term. The Gram ``sum_{b,p,j} w_bp u_bj F_pj^T F_pj`` (then through the
+norm ``D_j`` of the input) is computed from its pieces instead of from its ``P K r`` rows per
+sample; ``w_bp`` counts the probes of output ``p`` and ``u_bj`` the samples at input ``j`` of
+sequence ``b`` (a padding mask sets both to 0 at padding, the same weights the pieces below
+carry as ``w``). With ``V_h = W_V^h W_O^h R`` (``d x r``) and per-input weights ``omega_bj``
+(``u_bj``, or ``u_bj/sigma_bj^2`` after a norm):
 
 * ``sum w omega F0^T F0 = sum_hh' c_hh' V_h V_h'^T + (T + T^T) + sum_bp key_p^T S_bp key_p``,
   ``c_hh' = sum w omega A_h A_h'``, ``T = sum_h V_h N_h``, ``N_h = sum_{h',b,p} (sum_j w omega
@@ -98,6 +100,7 @@ def accumulate(
     inputs: torch.Tensor,
     outputs: torch.Tensor,
     weights: torch.Tensor,
+    input_weights: torch.Tensor | None = None,
 ) -> None:
     """Add one batch's Jacobian Gram to ``gram``, from its pieces (:func:`lowrank_gram`).
 
@@ -109,15 +112,25 @@ def accumulate(
         x: The section's input ``(b, pos, d_in)`` (with a norm), else ``None``.
         readout: ``R``, ``(d_out, r)``.
         inputs: Input positions (the samples); ``outputs``: distinct output positions, each
-            probed ``weights`` times.
+            probed ``weights`` times (``(P,)``, or ``(b, P)`` per sequence: 0 for padding).
+        input_weights: ``(b, K)``: how often each (sequence, input) is a sample (0 for
+            padding); ``None``: once each.
     """
     f64 = torch.float64
     readout, weights = readout.to(q.device, f64), weights.to(f64)
-    n_samples = v.shape[0] * len(inputs)
+    if input_weights is None:
+        n_samples = v.shape[0] * len(inputs)
+    else:
+        input_weights = input_weights.to(q.device, f64)
+        n_samples = round(float(input_weights.sum()))
+    if n_samples == 0:  # a batch of padding only: no sample
+        return
     if readout.shape[1] == 0:  # the next site kept no feature: no probe, a zero Gram
         total = torch.zeros(section.d_in, section.d_in, dtype=f64, device=q.device)
     else:
-        total = lowrank_gram(section, q, k, v, pattern, readout, inputs, outputs, weights, x)
+        total = lowrank_gram(
+            section, q, k, v, pattern, readout, inputs, outputs, weights, x, input_weights
+        )
     gram.merge(SecondMoment.from_matrix((total + total.T) / (2 * n_samples), n_samples))
 
 
@@ -132,15 +145,22 @@ def lowrank_gram(
     outputs: torch.Tensor,
     weights: torch.Tensor,
     x: torch.Tensor | None = None,
+    input_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_{b,j} sum_p w_p (F_pj D_j)^T (F_pj D_j)`` of one batch, ``(d_in, d_in)``.
+    """``sum_{b,j} sum_p w_bp u_bj (F_pj D_j)^T (F_pj D_j)`` of one batch, ``(d_in, d_in)``.
 
     Args as :meth:`AttentionSection.jacobian_rows` (``x`` needed with a norm; ``q`` and ``k``
-    rotated with rotary embeddings). Works in :func:`_blocks` of samples and output positions.
+    rotated with rotary embeddings), and per-sequence weights: ``weights`` ``w_p`` ``(P,)`` or
+    ``w_bp`` ``(b, P)``, ``input_weights`` ``u_bj`` ``(b, K)`` (``None``: 1), which a padding
+    mask sets to 0. Works in :func:`_blocks` of samples and output positions.
     """
     s: Any = section
     if s.norm is not None and x is None:
         raise ValueError(f"A section after a {s.norm} norm needs its input x.")
+    n_batch = q.shape[0]
+    weights = weights.to(q.dtype).expand(n_batch, len(outputs))  # (b, P)
+    if input_weights is None:
+        input_weights = q.new_ones(n_batch, len(inputs))
     layer = _Layer.of(s, readout, q.device)
     d = layer.vw_rows.shape[1]
     sums = {name: q.new_zeros(d, d) for name in ("key", "pairs", "ny", "quad")}
@@ -156,9 +176,9 @@ def lowrank_gram(
     parts = groupby(_blocks(q.shape[0], len(outputs), per_output), key=lambda pb: pb[0])
     for part, blocks in parts:
         batch = _Batch.of(s, q[part], k[part], v[part], pattern[part], inputs, layer,
-                          None if x is None else x[part])  # fmt: skip
+                          None if x is None else x[part], input_weights[part])  # fmt: skip
         for _, block in blocks:
-            _add_block(s, sums, cross, batch, layer, outputs[block], weights[block].to(q.dtype))
+            _add_block(s, sums, cross, batch, layer, outputs[block], weights[part, block])
         if batch.turned is not None:
             _rotary.finish_batch(sums, batch, layer)
         if batch.normed is not None:  # y_bj = M0_bj n_bj, once per sample
@@ -260,7 +280,8 @@ class _Batch:
     v: torch.Tensor
     pattern: torch.Tensor
     inputs: torch.Tensor
-    omega: torch.Tensor  # (b, K): 1, or 1/sigma^2 after a norm
+    counts: torch.Tensor  # (b, K): u_bj, how often each input is a sample (0: padding)
+    omega: torch.Tensor  # (b, K): u_bj, or u_bj / sigma^2 after a norm
     normed: torch.Tensor | None = None  # (b, K, d)
     sigma: torch.Tensor | None = None  # (b, K, 1)
     nu: torch.Tensor | None = None  # V_h^T n_bj: (b, K, h, r)
@@ -272,17 +293,16 @@ class _Batch:
     @classmethod
     def of(cls, s: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            pattern: torch.Tensor, inputs: torch.Tensor, layer: _Layer,
-           x: torch.Tensor | None) -> _Batch:  # fmt: skip
+           x: torch.Tensor | None, counts: torch.Tensor) -> _Batch:  # fmt: skip
         n, n_in = q.shape[0], len(inputs)
         if s.norm is None:
-            omega = torch.ones(n, n_in, dtype=q.dtype, device=q.device)
-            batch = cls(q, k, v, pattern, inputs, omega)
+            batch = cls(q, k, v, pattern, inputs, counts, counts)
         else:
             normed, sigma = s._norm_of(x[:, inputs])  # type: ignore[index]
             nu = (normed.reshape(n * n_in, -1) @ layer.vw_rows.T).view(n, n_in, layer.n_heads, -1)
             batch = cls(
-                q, k, v, pattern, inputs, sigma[..., 0].reciprocal().square(), normed, sigma,
-                nu, torch.zeros_like(nu), torch.zeros_like(normed), q.new_zeros(n, n_in),
+                q, k, v, pattern, inputs, counts, counts / sigma[..., 0].square(), normed,
+                sigma, nu, torch.zeros_like(nu), torch.zeros_like(normed), q.new_zeros(n, n_in),
             )  # fmt: skip
         if layer.turn is not None:
             batch.turned = _rotary.RotaryBatch.of(layer, v, inputs, batch.normed)
@@ -298,13 +318,14 @@ def _add_block(
     outputs: torch.Tensor,
     weights: torch.Tensor,
 ) -> None:
-    """Add the pieces of one block of output positions (of ``batch``'s samples)."""
+    """Add the pieces of one block of output positions (of ``batch``'s samples), probed
+    ``weights`` ``(b, P)`` times."""
     inputs, v = batch.inputs, batch.v
     rows_p = batch.pattern[:, :, outputs]  # (b, h, P, L)
     a = rows_p[..., inputs]  # (b, h, P, K)
     z = torch.einsum("bhpl,blhe->bhpe", rows_p, v)
     q = batch.q[:, outputs]  # (b, P, h, e)
-    wa = a * weights[None, None, :, None] * batch.omega[:, None, None, :]  # w_p omega A_hpj
+    wa = a * weights[:, None, :, None] * batch.omega[:, None, None, :]  # w_bp omega A_hpj
     sums["c"] += torch.einsum("bhpk,bgpk->hg", wa, a)
     waa = wa[:, :, None] * a[:, None]  # w omega A_hpj A_gpj: (b, h, g, P, K)
     pairs = (outputs[:, None] == inputs[None, :]).nonzero()  # (n, 2): (p, j) indices
@@ -350,7 +371,7 @@ def _norm_vectors(
     a_t = a.permute(0, 2, 3, 1).contiguous()  # (b, P, K, h)
     rows = torch.addcmul(batch.nu[:, None], kn.permute(0, 2, 3, 1)[..., None], g)
     phi = (a_t[..., None, :] @ rows).squeeze(-2)  # (b, P, K, r)
-    wphi = phi * weights[None, :, None, None]
+    wphi = phi * weights[:, :, None, None]
     lhs = a.permute(0, 3, 1, 2).contiguous()  # (b, K, h, P)
     batch.psi += lhs @ wphi.transpose(1, 2).contiguous()  # type: ignore[operator]
     batch.quad += (wphi * phi).sum((1, 3))  # type: ignore[operator]
@@ -383,7 +404,8 @@ def _diagonal(
     p_idx, j_idx = pairs[:, 0], pairs[:, 1]
     d, n_heads = layer.vw_rows.shape[1], layer.n_heads
     n, n_pairs, r = a_pp.shape[0], len(pairs), layer.wor.shape[2]
-    root = weights[p_idx].sqrt()[None, :, None, None]  # (1, n, 1, 1)
+    # sqrt(w_bp u_bj): (b, n, 1, 1)
+    root = (weights[:, p_idx] * batch.counts[:, j_idx]).sqrt()[:, :, None, None]
     x_rows = (a_pp.reshape(-1, n_heads) @ layer.vw_rows.view(n_heads, -1)).view(n, n_pairs, r, d)
     ag = (a_pp[..., None] * g_pp).transpose(-1, -2)  # (b, n, r, h)
     x_rows.view(-1, r, d).baddbmm_(ag.reshape(-1, r, n_heads), key_pp.reshape(-1, n_heads, d))

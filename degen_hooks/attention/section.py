@@ -50,6 +50,7 @@ from torch import nn
 
 from .._errors import ShapeMismatchError
 from .._hooks import SiteHook
+from .._positions import padding_mask
 from ..accumulators import SecondMoment
 from ..sites import Site, resolve_sites, select_positions
 from ._edges import AttentionEdges
@@ -122,10 +123,12 @@ class AttentionSection(AttentionEdges):
         raise NotImplementedError
 
     def _read(
-        self, reads: dict[str, torch.Tensor]
+        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
     ) -> tuple[AttentionSection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(section, q, k, v, pattern)`` of one batch from its reads, float64: q and k as
-        the scores are made of them, ``section`` with the batch's rotary tables."""
+        the scores are made of them, ``section`` with the batch's rotary tables. ``mask``:
+        the batch's ``(b, pos)`` padding mask (a family that recomputes the pattern masks
+        those keys), or ``None``."""
         raise NotImplementedError
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
@@ -256,12 +259,14 @@ class AttentionSection(AttentionEdges):
         readout: torch.Tensor | None = None,
         *,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         progress: bool = True,
     ) -> SecondMoment:
         """One forward pass over ``data``: the Jacobian Gram of ``site`` read through ``target``.
 
         Equal to the Gram ``dh.collect(model, [site], jacobians="exact", target=target,
-        readout=readout)`` accumulates, without a backward pass (runs under ``no_grad``).
+        readout=readout)`` accumulates, without a backward pass (runs under ``no_grad``); with
+        ``mask``, the Gram of exact probes under ``run.set_mask(mask(batch))``.
 
         Args:
             model: The model the section was built from.
@@ -271,10 +276,17 @@ class AttentionSection(AttentionEdges):
                 one probe, as in exact probes).
             readout: ``(d_out, r)``; identity when ``None``.
             forward: ``forward(model, batch) -> output``.
+            mask: ``mask(batch) -> (batch, pos)`` boolean mask of the real tokens (the
+                ``attention_mask`` the model is given), as ``build_bases(mask=...)`` takes it:
+                padding is no sample and no probe, ``"last"`` each row's last real token.
             progress: Show a tqdm progress bar.
 
         Returns:
             The Gram as a :class:`~degen_hooks.SecondMoment` over the site's samples.
+
+        Raises:
+            ShapeMismatchError: For a readout or mask that does not fit.
+            ValueError: From the family, for a batch the closed form would get wrong.
         """
         from tqdm.auto import tqdm
 
@@ -315,7 +327,8 @@ class AttentionSection(AttentionEdges):
                         f"The forward pass never reached {missing}: the attention section "
                         "needs them on every batch."
                     )
-                self._update(gram, captured, readout, site, target)
+                padding = None if mask is None else mask(batch)
+                self._update(gram, captured, readout, site, target, padding)
         return gram
 
     def _update(
@@ -325,16 +338,42 @@ class AttentionSection(AttentionEdges):
         readout: torch.Tensor,
         site: Site,
         target: Site,
+        mask: torch.Tensor | None = None,
     ) -> None:
-        section, q, k, v, pattern = self._read(captured)
+        if mask is not None:
+            mask = padding_mask(mask, captured["x"], site.key)
+        section, q, k, v, pattern = self._read(captured, mask)
         x = site.features_last(captured["x"]).to(torch.float64) if self.norm is not None else None
         n_pos = v.shape[1]
-        inputs = positions(site, n_pos, q.device)
-        outputs, weights = positions(target, n_pos, q.device).unique(return_counts=True)
-        accumulate(section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights)
+        inputs, input_weights = sampled(site, n_pos, mask, q.device)
+        index, probes = sampled(target, n_pos, mask, q.device)
+        outputs, inverse = index.unique(return_inverse=True)  # each probed w_bp times
+        weights = probes.new_zeros(len(probes), len(outputs)).index_add_(1, inverse, probes)
+        if mask is None:  # the same for every sequence: (P,)
+            weights = weights[0]
+        accumulate(
+            section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights,
+            None if mask is None else input_weights,
+        )  # fmt: skip
 
 
-def positions(site: Site, n_pos: int, device: torch.device) -> torch.Tensor:
-    """The positions ``site`` keeps, as an index tensor (the same for every sample)."""
-    steps = torch.arange(n_pos, dtype=torch.float64, device=device)[None, :, None]
-    return select_positions(steps, site.positions, None, site.key).flatten().long()
+def sampled(
+    site: Site, n_pos: int, mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions ``site`` keeps, ``(K,)`` (repeats kept), and how often each sequence's
+    position there is a sample, ``(b, K)`` float64 (``(1, K)`` of ones without a mask).
+
+    With a padding ``mask`` padding is no sample, and ``"last"`` is each row's last real
+    token (the positions of every row's, each row weighted at its own).
+    """
+    f64 = torch.float64
+    if mask is not None and site.positions == "last":
+        steps = torch.arange(n_pos, device=device).expand(mask.shape)
+        last = torch.where(mask, steps, -1).max(dim=1).values  # -1: a row of padding only
+        index = last[last >= 0].unique()
+        return index, (last[:, None] == index[None, :]).to(f64)
+    steps = torch.arange(n_pos, dtype=f64, device=device)[None, :, None]
+    index = select_positions(steps, site.positions, None, site.key).flatten().long()
+    if mask is None:
+        return index, torch.ones(1, len(index), dtype=f64, device=device)
+    return index, mask[:, index].to(f64)

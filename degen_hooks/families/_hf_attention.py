@@ -14,12 +14,13 @@ never forms its pattern, so one forward pass reads
 * the section's output, the residual stream after attention.
 
 Each batch rotates q and k by the tables the model was passed (so ``position_ids`` shared by
-the batch are followed), recomputes the causal pattern ``softmax(q k^T / scale)`` in float64,
-and checks it twice: ``z`` must equal ``pattern @ v``, and the output ``x + z W_O + b_O``, to
-rounding. A batch whose attention differs (padding in an ``attention_mask``, per-row
-``position_ids``, a cache, a sliding window shorter than the sequence, dropout in train mode,
-GPT-2's float32 ``reorder_and_upcast_attn``, anything else added to the residual stream
-between attention and the MLP's norm) is refused with what to do, never used.
+the batch are followed), recomputes the causal pattern ``softmax(q k^T / scale)`` in float64
+(the keys of padding masked, with the padding mask ``gram_pass(mask=...)`` is given), and
+checks it twice at the real tokens: ``z`` must equal ``pattern @ v``, and the output ``x + z
+W_O + b_O``, to rounding. A batch whose attention differs (padding the mask does not name,
+per-row ``position_ids``, a cache, a sliding window shorter than the sequence, dropout in
+train mode, GPT-2's float32 ``reorder_and_upcast_attn``, anything else added to the residual
+stream between attention and the MLP's norm) is refused with what to do, never used.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ __all__ = ["HFAttentionSection", "hf_attention_section"]
 
 F64 = torch.float64
 _HINT = (
-    "the closed form recomputes the causal pattern softmax(q k^T / scale) in float64. Run it "
-    "on batches without padding (no attention_mask with zeros), per-row position_ids or "
-    "cache, with the model in eval mode; otherwise leave this pair to backward passes "
-    "(sections=None)."
+    "the closed form recomputes the causal pattern softmax(q k^T / scale) in float64, with "
+    "the keys of padding masked as mask= says. With padding, pass build_bases(mask=...) (or "
+    "gram_pass(mask=...)) the attention_mask the model gets, e.g. mask=hf.mask; run batches "
+    "without per-row position_ids or cache, with the model in eval mode; otherwise leave this "
+    "pair to backward passes (sections=None)."
 )
 
 
@@ -98,10 +100,11 @@ class HFAttentionSection(AttentionSection):
         return reads
 
     def _read(
-        self, reads: dict[str, torch.Tensor]
+        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
     ) -> tuple[AttentionSection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's section and float64 q, k, v and recomputed pattern, checked against
-        the heads' outputs the model computed."""
+        """The batch's section and float64 q, k, v and recomputed pattern (the keys of
+        padding masked), checked against the heads' outputs the model computed at the real
+        tokens (a query of padding only sees padding: its row is zero, and no probe)."""
         n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
         if "qkv" in reads:
             width = n_heads * d_head
@@ -115,20 +118,33 @@ class HFAttentionSection(AttentionSection):
             q, k = section.rotary.rotate(q), section.rotary.rotate(k)  # type: ignore[union-attr]
         n_pos = q.shape[1]
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.scale
-        later = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
-        pattern = torch.softmax(scores.masked_fill_(later, float("-inf")), dim=-1)
+        hidden = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
+        real = slice(None)
+        if mask is not None:  # the keys of padding are hidden too
+            hidden = hidden | ~mask[:, None, None, :]
+            real = mask
+        pattern = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+        pattern = pattern.nan_to_num_(0.0)  # a query that sees no key
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
-        _check("heads' outputs", z.flatten(2), reads["z"], float(v.abs().max()), self.source)
+        size = float(v.abs().max())
+        _check("heads' outputs", z.flatten(2)[real], reads["z"][real], size, self.source)
         x = reads["x"].to(F64)
         y = x + torch.einsum("bqhe,hed->bqd", z, self.w_o.to(x.device))
         if self.b_o is not None:
             y += self.b_o.to(x.device)
-        _check("output", y, reads["y"], float(y.abs().max()), self.source)
+        _check("output", y[real], reads["y"][real], None, self.source)
         return section, q, k, v, pattern
 
 
-def _check(what: str, expected: torch.Tensor, got: torch.Tensor, size: float, at: str) -> None:
-    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``."""
+def _check(
+    what: str, expected: torch.Tensor, got: torch.Tensor, size: float | None, at: str
+) -> None:
+    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``
+    (compared relative to ``size``, by default the largest ``expected``)."""
+    if expected.numel() == 0:  # a batch of padding only
+        return
+    if size is None:
+        size = float(expected.abs().max())
     error = float((expected - got.to(F64)).abs().max())
     bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
     tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)

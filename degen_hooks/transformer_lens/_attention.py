@@ -135,9 +135,11 @@ class AttentionSection(_Core):
         return reads
 
     def _read(
-        self, reads: dict[str, torch.Tensor]
+        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
     ) -> tuple[_Core, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's section and float64 q, k, v and pattern.
+        """The batch's section and float64 q, k, v and pattern (the model's own pattern,
+        padding masked as its ``attention_mask`` says; ``mask`` names the real tokens whose
+        rotary positions are checked).
 
         A HookedTransformer's (rotated) q is checked against its unrotated q; on a bridge
         (``rotates``), q and k are rotated by the batch's tables (when read) or the fixed
@@ -148,7 +150,7 @@ class AttentionSection(_Core):
         pattern = reads["p"].to(torch.float64)
         if not self.rotates:
             if self.rotary is not None and "plain_q" in reads:
-                self._check_positions(q, reads["plain_q"].to(torch.float64))
+                self._check_positions(q, reads["plain_q"].to(torch.float64), mask)
             return self, q, k, v, pattern
         tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
         section = replace(self, rotary=passed_rotary(*tables)) if tables else self
@@ -159,11 +161,16 @@ class AttentionSection(_Core):
         check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
         return section, q, k, v, pattern
 
-    def _check_positions(self, rotated: torch.Tensor, plain: torch.Tensor) -> None:
-        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1``."""
-        plain = plain.reshape(rotated.shape)
-        error = (self.rotary.rotate(plain) - rotated).abs().max()  # type: ignore[union-attr]
-        if error > 1e-4 * rotated.abs().max():
+    def _check_positions(
+        self, rotated: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        """Refuse a batch whose q was rotated at other positions than ``0 .. n-1`` at a real
+        token (right padding rotates padding elsewhere: no probe reads it, and no real token
+        attends to it)."""
+        error = (self.rotary.rotate(plain.reshape(rotated.shape)) - rotated).abs()  # type: ignore[union-attr]
+        if mask is not None:
+            error = error[mask]
+        if error.numel() and error.max() > 1e-4 * rotated.abs().max():
             raise ValueError(
                 "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "
                 "padding with an attention_mask, or a key-value cache): the rotary closed form "

@@ -447,6 +447,28 @@ def test_gram_from_pieces_equals_the_rows(norm, residual, inputs, outputs, weigh
     torch.testing.assert_close(
         lowrank_gram(section, *args, x=x), rows.T @ rows, rtol=1e-10, atol=1e-12
     )
+    # Per-sequence weights (a padding mask's zeros among them) weight each row.
+    per_bp, per_bj = padding_weights(gen, b, len(outputs), len(inputs))
+    ones = torch.ones(len(outputs), dtype=torch.float64)
+    rows = weighted_rows(section.jacobian_rows(*args[:-1], ones, x=x), per_bp, per_bj)
+    gram = lowrank_gram(section, *args[:-1], per_bp, x=x, input_weights=per_bj)
+    torch.testing.assert_close(gram, rows.T @ rows, rtol=1e-10, atol=1e-12)
+
+
+def padding_weights(gen, b, n_out, n_in):
+    """Random ``(b, P)`` probe and ``(b, K)`` sample weights, a quarter of them zero."""
+
+    def draw(*shape):
+        values = torch.rand(*shape, generator=gen, dtype=torch.float64) * 3
+        return values * (torch.rand(*shape, generator=gen) > 0.25)
+
+    return draw(b, n_out), draw(b, n_in)
+
+
+def weighted_rows(rows, per_bp, per_bj):
+    """Rows ``(b, P, K, r, d)`` times ``sqrt(w_bp u_bj)``, flattened to ``(-1, d)``."""
+    root = (per_bp[:, :, None] * per_bj[:, None, :]).sqrt()[..., None, None]
+    return (rows * root).reshape(-1, rows.shape[-1])
 
 
 ROTARY_CASES = [  # (inputs, outputs, weights, positions)
@@ -499,6 +521,11 @@ def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adj
         )  # fmt: skip
         rows = section.jacobian_rows(*args, x=x).reshape(-1, d)
         gram = lowrank_gram(section, *args, x=x)
+        torch.testing.assert_close((gram + gram.T) / 2, rows.T @ rows, rtol=1e-10, atol=1e-12)
+        per_bp, per_bj = padding_weights(gen, b, len(outputs), len(inputs))
+        ones = torch.ones(len(outputs), dtype=torch.float64)
+        rows = weighted_rows(section.jacobian_rows(*args[:-1], ones, x=x), per_bp, per_bj)
+        gram = lowrank_gram(section, *args[:-1], per_bp, x=x, input_weights=per_bj)
         torch.testing.assert_close((gram + gram.T) / 2, rows.T @ rows, rtol=1e-10, atol=1e-12)
 
 

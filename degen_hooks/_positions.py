@@ -15,7 +15,7 @@ import torch
 
 from ._errors import ShapeMismatchError
 
-__all__ = ["Positions", "padding_mask", "position_cells", "select_positions"]
+__all__ = ["Positions", "padding_mask", "position_cells", "position_weights", "select_positions"]
 
 Positions = Union[None, int, slice, str, Sequence[int], torch.Tensor]  # noqa: UP007
 
@@ -155,3 +155,29 @@ def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice |
             f"activation has {n_pos} positions."
         )
     return index
+
+
+def position_weights(
+    positions: Positions,
+    n_pos: int,
+    mask: torch.Tensor | None,
+    device: torch.device,
+    key: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions a site keeps, ``(K,)`` (repeats kept), and how often each sequence's
+    position there is a sample, ``(b, K)`` float64 (``(1, K)`` of ones without a mask).
+
+    With a padding ``mask`` (``(b, n_pos)`` bool) padding is no sample, and ``"last"`` is each
+    row's last real token: the positions of every row's, each row weighted 1 at its own.
+    """
+    f64 = torch.float64
+    if mask is not None and positions == "last":
+        steps = torch.arange(n_pos, device=device).expand(mask.shape)
+        last = torch.where(mask, steps, -1).max(dim=1).values  # -1: a row of padding only
+        index = last[last >= 0].unique()
+        return index, (last[:, None] == index[None, :]).to(f64)
+    steps = torch.arange(n_pos, dtype=f64, device=device)[None, :, None]
+    index = select_positions(steps, positions, None, key).flatten().long()
+    if mask is None:
+        return index, torch.ones(1, len(index), dtype=f64, device=device)
+    return index, mask[:, index].to(f64)

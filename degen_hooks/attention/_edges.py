@@ -52,8 +52,10 @@ class AttentionEdges:
         Args:
             reads: The tensors :meth:`edge_reads` names, read in one forward pass.
             src: The input node layer (a graph ``NodeLayer``: ``site``, ``features``,
-                ``write``, ``pinv``, ``positions_of``) at this section's input.
-            dst: The output node layer (``key``, ``rotation``, ``positions_of``).
+                ``write``, ``part``, ``pinv``, ``positions_of``) at this section's input; with
+                padding its ``cells`` zero the features of padding.
+            dst: The output node layer (``key``, ``rotation``, ``positions_of``; with padding
+                ``cells``: no probe at padding).
             alphas: Integration points ``alpha_k``.
             weights: Integration weights ``w_k``.
             signs: ``signs(shape, device)`` draws the stochastic sources, shape
@@ -76,7 +78,7 @@ class AttentionEdges:
         x = src.site.features_last(act).to(f64)  # (b, pos, d_in)
         f = src.features(act)  # (b, K, r)
         device = f.device
-        section, q, k, v, pattern = self._read(reads)  # type: ignore[attr-defined]
+        section, q, k, v, pattern = self._read(reads, src.padding)  # type: ignore[attr-defined]
         inputs, outputs = src.positions_of(act), dst.positions_of(act)
         d_out = self.w_o.shape[2]
         readout = dst.rotation
@@ -95,7 +97,7 @@ class AttentionEdges:
             """The layer at each integration point, for the samples ``part``."""
             out = []
             for alpha in alphas:
-                written = src.write(act[part], alpha * f[part])
+                written = src.part(part).write(act[part], alpha * f[part])
                 rewritten = src.site.features_last(written).to(f64)
                 rows = None if self.norm is not None else outputs  # the direct sums' rows
                 out.append(
@@ -106,8 +108,9 @@ class AttentionEdges:
             return out
 
         edges = section._edge_sums(
-            moved, f, x.shape[1], readin, readout, inputs, outputs, weights, drawn, elements
-        )
+            moved, f, x.shape[1], readin, readout, inputs, outputs, weights, drawn, elements,
+            dst.cells,
+        )  # fmt: skip
         return edges, f.shape[0] * f.shape[1]
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,9 +174,11 @@ class AttentionEdges:
         weights: Sequence[float],
         signs: torch.Tensor | None,
         elements: int,
+        probed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Edge sums from the layer's ``(q, k, v, pattern, x)`` at each integration point
-        (``moved(samples)`` gives them for a chunk of samples).
+        (``moved(samples)`` gives them for a chunk of samples); ``probed`` ``(b, n_out)``
+        weights each (sequence, output position) (0: padding, no probe), ``None``: 1.
 
         Without a norm, every ``d_in`` index of the rows comes from ``W_Q``, ``W_K`` or
         ``W_V`` (or the skip connection), so ``C_pinv W`` replaces ``W`` and the sum over
@@ -236,6 +241,8 @@ class AttentionEdges:
                         attribution.add_(term, alpha=float(w))
                 if skip is not None:
                     attribution.addcmul_(at_output[part, block, None, :], skip)
+                if probed is not None:
+                    attribution *= probed[part, block, None, None].to(attribution)
                 if signs is None:
                     edges += attribution.square_().sum((0, 1))
                 else:  # output positions mixed by signs before squaring: sum the blocks

@@ -50,9 +50,9 @@ from torch import nn
 
 from .._errors import ShapeMismatchError
 from .._hooks import SiteHook
-from .._positions import padding_mask
+from .._positions import padding_mask, position_weights
 from ..accumulators import SecondMoment
-from ..sites import Site, resolve_sites, select_positions
+from ..sites import Site, resolve_sites
 from ._edges import AttentionEdges
 from ._gram import accumulate
 from .rotary import Rotary
@@ -345,8 +345,8 @@ class AttentionSection(AttentionEdges):
         section, q, k, v, pattern = self._read(captured, mask)
         x = site.features_last(captured["x"]).to(torch.float64) if self.norm is not None else None
         n_pos = v.shape[1]
-        inputs, input_weights = sampled(site, n_pos, mask, q.device)
-        index, probes = sampled(target, n_pos, mask, q.device)
+        inputs, input_weights = position_weights(site.positions, n_pos, mask, q.device, site.key)
+        index, probes = position_weights(target.positions, n_pos, mask, q.device, target.key)
         outputs, inverse = index.unique(return_inverse=True)  # each probed w_bp times
         weights = probes.new_zeros(len(probes), len(outputs)).index_add_(1, inverse, probes)
         if mask is None:  # the same for every sequence: (P,)
@@ -355,25 +355,3 @@ class AttentionSection(AttentionEdges):
             section, gram, q, k, v, pattern, x, readout, inputs, outputs, weights,
             None if mask is None else input_weights,
         )  # fmt: skip
-
-
-def sampled(
-    site: Site, n_pos: int, mask: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions ``site`` keeps, ``(K,)`` (repeats kept), and how often each sequence's
-    position there is a sample, ``(b, K)`` float64 (``(1, K)`` of ones without a mask).
-
-    With a padding ``mask`` padding is no sample, and ``"last"`` is each row's last real
-    token (the positions of every row's, each row weighted at its own).
-    """
-    f64 = torch.float64
-    if mask is not None and site.positions == "last":
-        steps = torch.arange(n_pos, device=device).expand(mask.shape)
-        last = torch.where(mask, steps, -1).max(dim=1).values  # -1: a row of padding only
-        index = last[last >= 0].unique()
-        return index, (last[:, None] == index[None, :]).to(f64)
-    steps = torch.arange(n_pos, dtype=f64, device=device)[None, :, None]
-    index = select_positions(steps, site.positions, None, site.key).flatten().long()
-    if mask is None:
-        return index, torch.ones(1, len(index), dtype=f64, device=device)
-    return index, mask[:, index].to(f64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from .._backward import first_tensor as _first_tensor
 from .._errors import GradientError, ShapeMismatchError
 from .._hooks import SiteHook, in_backward
-from .._positions import Positions, _position_index
+from .._positions import Positions, _position_index, padding_mask, position_weights
 from ..basis import InteractionBasis
 from ..sites import Site, resolve_bypass, resolve_sites
 
@@ -43,6 +43,11 @@ class NodeLayer:
         rotation: ``C``, shape ``(d, r)``; ``None`` means the identity (raw coordinates).
         pinv: ``C_pinv``, shape ``(r, d)``; ``None`` with ``rotation``.
         mean: ``mu``, shape ``(d,)``; ``None`` means zero (uncentred, as for outputs).
+        cells: With padding (one batch's layer, :meth:`at`), ``(batch, n_positions)``:
+            whether each selected (sequence, position) is a sample, 1 or 0. A cell of padding
+            reads zero features and is written back unchanged; ``None``: every cell.
+        padding: The batch's ``(batch, pos)`` mask of real tokens (checked against the
+            activation; attention that recomputes its pattern masks those keys), or ``None``.
     """
 
     key: str
@@ -51,6 +56,8 @@ class NodeLayer:
     rotation: torch.Tensor | None
     pinv: torch.Tensor | None
     mean: torch.Tensor | None
+    cells: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
 
     @classmethod
     def from_basis(cls, basis: InteractionBasis, key: str) -> NodeLayer:
@@ -58,6 +65,20 @@ class NodeLayer:
         rotation, pinv, mean = basis._get(key)
         site = Site.from_info(basis.site_info_.get(key, {}), key=key)
         return cls(key, site, site.positions, rotation, pinv, mean)
+
+    def at(self, padding: torch.Tensor) -> NodeLayer:
+        """This layer for one batch with the ``(batch, pos)`` ``padding`` mask: the positions
+        it reads and which of them are samples (``"last"``: each row's last real token)."""
+        index, cells = position_weights(
+            self.positions, padding.shape[1], padding, padding.device, self.key
+        )
+        return replace(self, positions=index.tolist(), cells=cells, padding=padding)
+
+    def part(self, samples: slice) -> NodeLayer:
+        """This layer for the sequences ``samples`` of its batch (their cells and mask)."""
+        if self.cells is None or self.padding is None:
+            return self
+        return replace(self, cells=self.cells[samples], padding=self.padding[samples])
 
     def width(self, d_site: int | None = None) -> int:
         """Number of features ``r`` (``d_site`` for a raw layer)."""
@@ -86,6 +107,8 @@ class NodeLayer:
     def select(self, act: torch.Tensor) -> torch.Tensor:
         """The raw activation at the layer's positions, float64, ``(batch, n_positions, d)``."""
         act = self._features_last(act)
+        if self.padding is not None:  # the batch's mask must fit it
+            padding_mask(self.padding, act, self.key)
         index = self._index(act)
         selected = act if index is None else act[:, index]
         return selected.reshape(act.shape[0], -1, act.shape[-1]).to(torch.float64)
@@ -115,7 +138,20 @@ class NodeLayer:
             )
         if self.mean is not None:
             x = x - self.mean.to(x.device)
-        return x if self.rotation is None else x @ self.rotation.to(x.device)
+        features = x if self.rotation is None else x @ self.rotation.to(x.device)
+        return features if self.cells is None else features * self._cells(x)[..., None]
+
+    def _cells(self, x: torch.Tensor) -> torch.Tensor:
+        """The cells, checked against a selected activation ``(batch, K, d)``."""
+        cells = self.cells
+        assert cells is not None
+        if x.ndim != 3 or tuple(cells.shape) != tuple(x.shape[:2]):
+            raise ShapeMismatchError(
+                f"Layer {self.key!r}: the padding mask selects {tuple(cells.shape)} "
+                f"(batch, position) cells, but the layer reads {tuple(x.shape)}: a mask "
+                "needs activations (batch, pos, d) and one (batch, pos) mask per batch."
+            )
+        return cells.to(x.device, x.dtype)
 
     def write(self, act: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``act`` with the layer's positions replaced by ``features @ C_pinv + mu``.
@@ -136,7 +172,10 @@ class NodeLayer:
             out = x.reshape(moved.shape).to(act.dtype)
         else:
             out = moved.detach().clone()
-            out[:, index] = x.reshape(out[:, index].shape).to(act.dtype)
+            x = x.reshape(out[:, index].shape).to(act.dtype)
+            if self.cells is not None:  # padding is written back unchanged
+                x = torch.where(self._cells(x)[..., None] > 0, x, out[:, index])
+            out[:, index] = x
         return out if self.site is None else self.site.restore_axis(out)
 
 

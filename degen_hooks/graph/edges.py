@@ -194,6 +194,7 @@ class InteractionGraph(BackwardEdges, ParamsMixin):
         output_positions: Any = None,
         output_rotation: torch.Tensor | str | None = "basis",
         sections: Mapping[str, tuple[Any, str | Site | None]] | str | None = "auto",
+        mask: Callable[[Any], torch.Tensor | None] | None = None,
         chunk: int = 64,
         progress: bool = True,
     ) -> InteractionGraph:
@@ -221,6 +222,12 @@ class InteractionGraph(BackwardEdges, ParamsMixin):
                 next layer); ``"auto"`` (default) finds them as ``build_bases`` does;
                 ``None`` runs backward passes for every pair. ``closed_form_`` lists the
                 pairs that used one.
+            mask: ``mask(batch) -> (batch, pos)`` boolean mask of the real tokens (padding
+                ``False``; ``hf.mask`` for a tokenizer's ``attention_mask``), as
+                ``build_bases(mask=...)`` takes it: padding is no sample and no probe (its
+                features are zero and it is written back unchanged), ``"last"`` each row's last
+                real token, and ``n_rows_`` and the output layer's ``lambdas_`` count real
+                tokens only. Node layers then need activations ``(batch, pos, d)``.
             chunk: Probes per batched backward pass (memory bound).
             progress: Show a progress bar over batches.
 
@@ -270,15 +277,19 @@ class InteractionGraph(BackwardEdges, ParamsMixin):
 
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         for batch in tqdm(data, desc="edges", total=total, disable=not progress, leave=False):
+            padding = None if mask is None else mask(batch)
+            if padding is not None:
+                padding = torch.as_tensor(padding).bool()
+            at = layers if padding is None else [layer.at(padding) for layer in layers]
             captured, y = {}, None
             if reads.needed:  # what the closed forms and the output layer read: one pass
                 started = time.perf_counter()
                 captured, y = reads(batch)
                 timings["reads"] = timings.get("reads", 0.0) + time.perf_counter() - started
-            for index, (pair, src, dst) in enumerate(
-                zip(pairs, layers[:-1], layers[1:], strict=True)
-            ):
+            for index, (pair, src, dst) in enumerate(zip(pairs, at[:-1], at[1:], strict=True)):
                 started = time.perf_counter()
+                if src.cells is not None and not float(src.cells.sum()):
+                    continue  # a batch of padding only: no sample
                 if index in closed:
                     partial, n_rows = pair_edges(
                         closed[index], src, dst, alphas, weights, captured,
@@ -288,14 +299,26 @@ class InteractionGraph(BackwardEdges, ParamsMixin):
                     partial, n_rows = self._pair_edges(
                         model, batch, call, src, dst, alphas, weights, chunk, random
                     )
+                if src.cells is not None:  # real tokens only
+                    n_rows = round(float(src.cells.sum()))
                 sums[pair] = partial if pair not in sums else sums[pair] + partial
                 rows[pair] += n_rows
                 timings[labels[index]] += time.perf_counter() - started
             if out_stats is not None and y is not None:
-                features = out_layer.features(y)
+                last = at[-1]
+                features = last.features(y)
+                if last.cells is not None:  # real tokens only
+                    features = features[last.cells.to(features.device) > 0]
                 out_stats.update(features.reshape(-1, features.shape[-1]))
         if not sums:
             raise ShapeMismatchError("No batches in data: the interaction graph saw nothing.")
+        empty = [pair for pair in pairs if pair not in sums]
+        if empty:  # every batch's mask left no sample at their input layer
+            raise ShapeMismatchError(
+                f"The padding mask left no sample at the input layer of pairs {empty} in any "
+                "batch: their positions hold padding only. Choose positions that hold real "
+                "tokens (e.g. 'last')."
+            )
         self.sites_ = [layer.key for layer in layers]
         self.pairs_ = pairs
         self.closed_form_ = [pair for index, pair in enumerate(pairs) if index in closed]

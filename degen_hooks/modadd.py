@@ -13,7 +13,6 @@ TransformerLens is imported when a model is loaded (through :mod:`degen_hooks.zo
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hooks import SiteHook
+from ._read_pass import SiteReader
 from .ablation import AblationCurve, node_ablation_curve
 from .basis import InteractionBasis
 from .build import build_bases
 from .collect import collect
-from .sites import Site, resolve_sites
+from .sites import Site
 from .statistics import Statistics
 from .synchronized import SynchronizedNeurons
 from .zoo import ModAddData, load_modadd, load_modadd_data
@@ -162,14 +161,11 @@ def _sites_acts(
 ) -> dict[str, torch.Tensor]:
     """The activations of several sites on ``tokens``, read in one pass over them."""
     acts: dict[str, list[torch.Tensor]] = {site.key: [] for site in sites}
-    resolved = resolve_sites(model, sites)  # a bridge's hook aliases too
-    with contextlib.ExitStack() as stack:
-        for site, (target, module) in zip(sites, resolved, strict=True):
-            read = acts[site.key].append
-            stack.enter_context(SiteHook(model, target, module, lambda a, r=read: r(a.detach())))
-        with torch.no_grad():
-            for batch in tokens.split(4096):
-                model(batch)
+    reader = SiteReader(model, {site.key: site for site in sites}, what="analyse_modadd")
+    for batch in tokens.split(4096):
+        captured, _, _ = reader(batch)  # stops after the last site
+        for key, act in captured.items():
+            acts[key].append(act)
     out = {}
     for site in sites:
         act = torch.cat(acts[site.key])

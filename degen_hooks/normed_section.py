@@ -42,7 +42,6 @@ there.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,12 +51,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._errors import ShapeMismatchError
-from ._hooks import SiteHook
 from ._normed_edges import NormedEdges
 from ._positions import same_positions
+from ._read_pass import SiteReader
 from .accumulators import SecondMoment
 from .closed_form import activation_derivative
-from .sites import Site, resolve_sites
+from .sites import Site
 
 __all__ = ["NormedMLPSection"]
 
@@ -79,10 +78,6 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda z: z,
     "linear": lambda z: z,
 }
-
-
-class _Done(Exception):  # noqa: N818 - control flow, never escapes gram_pass
-    """Raised in the input hook: the pass has read what it needs."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,30 +223,13 @@ class NormedMLPSection(NormedEdges):
                 "read different positions: give both sites the same positions."
             )
         moments = _Moments(self, readout)
-        (resolved, module), call = resolve_sites(model, [site])[0], forward or _call
-        captured: list[torch.Tensor] = []
-        padding: list[Any] = [None]  # the batch's mask
-
-        def keep(act: torch.Tensor) -> None:
-            captured.append(resolved.rows(act.detach(), padding[0]))
-            raise _Done
-
+        reader = SiteReader(model, {"x": site}, forward, what="The norm and MLP section")
+        resolved = reader.resolved["x"][0]
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-        bar = tqdm(
-            data, desc=f"jacobians {site.key} (closed form)", total=total,
-            disable=not progress, leave=False,
-        )  # fmt: skip
-        with SiteHook(model, resolved, module, keep):
-            for batch in bar:
-                captured.clear()
-                padding[0] = None if mask is None else mask(batch)
-                with torch.no_grad(), contextlib.suppress(_Done):
-                    call(model, batch)
-                if not captured:
-                    raise RuntimeError(
-                        f"The forward pass never reached {site.key!r}, the section's input."
-                    )
-                moments.update(captured[0])
+        desc = f"jacobians {site.key} (closed form)"
+        for batch in tqdm(data, desc=desc, total=total, disable=not progress, leave=False):
+            captured, _, _ = reader(batch)  # stops once the input is read
+            moments.update(resolved.rows(captured["x"], None if mask is None else mask(batch)))
         return SecondMoment.from_matrix(moments.gram(), moments.n)
 
     # -- per-row quantities -----------------------------------------------------------------
@@ -426,7 +404,3 @@ class _Moments:
             return eye
         c = eye - 1.0 / d if s.norm == "LN" else eye
         return self.a1 / n * c - self.nn1 / (n * d)
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    return model(batch)

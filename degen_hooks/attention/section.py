@@ -41,7 +41,6 @@ target)``, which refuses sites that are not the section's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +48,10 @@ import torch
 from torch import nn
 
 from .._errors import ShapeMismatchError
-from .._hooks import SiteHook
 from .._positions import padding_mask, position_weights
+from .._read_pass import SiteReader
 from ..accumulators import SecondMoment
-from ..sites import Site, resolve_sites
+from ..sites import Site
 from ._edges import AttentionEdges
 from ._gram import accumulate
 from .rotary import Rotary
@@ -300,35 +299,13 @@ class AttentionSection(AttentionEdges):
                 f"{d_out}: it must be a (d_out, r) = ({d_out}, r) matrix."
             )
         gram = SecondMoment()
-        captured: dict[str, torch.Tensor] = {}
-        call = forward or (lambda model, batch: model(batch))
-        with ExitStack() as stack:
-            for role, read in reads.items():
-                resolved, module = resolve_sites(model, [read])[0]
-
-                def keep(act: torch.Tensor, role: str = role) -> None:
-                    captured[role] = act.detach()
-
-                stack.enter_context(SiteHook(model, resolved, module, keep))
-            total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-            for batch in tqdm(
-                data,
-                desc=f"jacobians {site.key} (closed form)",
-                total=total,
-                disable=not progress,
-                leave=False,
-            ):
-                captured.clear()
-                with torch.no_grad():
-                    call(model, batch)
-                missing = [reads[role].key for role in reads if role not in captured]
-                if missing:
-                    raise RuntimeError(
-                        f"The forward pass never reached {missing}: the attention section "
-                        "needs them on every batch."
-                    )
-                padding = None if mask is None else mask(batch)
-                self._update(gram, captured, readout, site, target, padding)
+        reader = SiteReader(model, reads, forward, what=f"The attention section of {self.source!r}")
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+        desc = f"jacobians {site.key} (closed form)"
+        for batch in tqdm(data, desc=desc, total=total, disable=not progress, leave=False):
+            captured, _, _ = reader(batch)  # stops once the reads are in
+            padding = None if mask is None else mask(batch)
+            self._update(gram, captured, readout, site, target, padding)
         return gram
 
     def _update(

@@ -18,7 +18,6 @@ from the same generator in the same order (one draw per batch and pair, pairs in
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import GradientError, ShapeMismatchError
-from .._hooks import SiteHook
+from .._errors import ShapeMismatchError
 from .._positions import same_positions
+from .._read_pass import SiteReader
 from ..section import bind
-from ..sites import Site, resolve_sites
-from ._layers import NodeLayer, output_tensor, run_section
+from ..sites import Site
+from ._layers import NodeLayer, output_tensor
 
 Forward = Callable[[nn.Module, Any], Any]
 Signs = Callable[[tuple[int, ...], torch.device], torch.Tensor]
@@ -55,14 +54,6 @@ def has_edges(section: Any) -> bool:
     return callable(getattr(section, "edge_reads", None)) and callable(
         getattr(section, "edge_batch", None)
     )
-
-
-class _Done(Exception):  # noqa: N818 - control flow, never escapes ReadPass
-    """Raised in a hook once the pass has read everything."""
-
-
-def _whole(act: torch.Tensor) -> torch.Tensor:
-    return act
 
 
 def find_closed_pairs(
@@ -140,9 +131,9 @@ def find_closed_pairs(
 class ReadPass:
     """One forward pass per batch, without gradients, that reads what the sections need.
 
-    It reads each MLP pair's input site and pre-activations (at the input's positions),
-    what each other closed-form section names (``edge_reads``) and the output layer's
-    activation, and stops at the last layer it needs.
+    It reads what each closed-form pair's section names (``edge_reads``: an MLP its input
+    and pre-activations, attention its input, q, k, v and pattern) and the output layer's
+    activation, and stops at the last layer it needs (:class:`~degen_hooks._read_pass.SiteReader`).
 
     Args:
         model: The model.
@@ -160,9 +151,7 @@ class ReadPass:
         closed: Mapping[int, ClosedPair],
         out_layer: NodeLayer | None,
     ) -> None:
-        self.model, self.forward = model, forward
-        # key -> (site, what to keep of its tensor)
-        reads: dict[str, tuple[Site, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        reads: dict[str, Site] = {}
         last: int | None = None
         for index, pair in sorted(closed.items()):
             src = layers[index]
@@ -170,79 +159,27 @@ class ReadPass:
             last = index + 1
             target = layers[index + 1].site
             for role, site in pair.section.edge_reads(src.site, target).items():
-                reads[f"{index}:{role}"] = (site, _whole)
-        self.reads = reads
-        self.resolved = {key: resolve_sites(model, [site])[0] for key, (site, _) in reads.items()}
+                reads[f"{index}:{role}"] = site
         self.out_layer = out_layer
+        target = None
         if out_layer is not None:
-            self.target, self.needed = out_layer.site, True
+            target = out_layer.site
         elif last is not None:
-            self.target, self.needed = layers[last].site, True
-        else:
-            self.target, self.needed = None, False
-        if self.target is not None:
-            self.resolved_target = resolve_sites(model, [self.target])[0]
+            target = layers[last].site
+        self.needed = out_layer is not None or last is not None
+        # The model output as the last layer: the whole pass (no site to stop at).
+        whole = out_layer is not None and out_layer.site is None
+        self.reader = SiteReader(
+            model, reads, forward, until=target, output=whole,
+            what="The interaction graph's closed forms",
+        )  # fmt: skip
 
     def __call__(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """``({read: activation at its positions, float64}, output layer activation)``."""
-        captured: dict[str, torch.Tensor] = {}
-        fired = dict.fromkeys(self.reads, 0)
-        reached: list[torch.Tensor] = []
-
-        def done() -> None:  # the pass may stop: every read and the last layer are in
-            if reached and all(fired.values()):
-                raise _Done
-
-        with contextlib.ExitStack() as stack:
-            for key, (_, kept) in self.reads.items():
-                resolved, module = self.resolved[key]
-
-                def keep(act: torch.Tensor, key: str = key, kept: Callable = kept) -> None:
-                    fired[key] += 1
-                    captured[key] = kept(act.detach())
-                    done()
-
-                stack.enter_context(SiteHook(self.model, resolved, module, keep))
-            if self.target is not None:
-                # Not run_section's target: a layer's hooks may fire after its output
-                # (a bridge fires hook_pattern after hook_attn_out).
-                def last(act: torch.Tensor) -> None:
-                    reached.append(act.detach())
-                    done()
-
-                resolved, module = self.resolved_target
-                stack.enter_context(SiteHook(self.model, resolved, module, last))
-            result = None
-            with torch.no_grad(), contextlib.suppress(_Done):
-                result = run_section(self.model, batch, self.forward)
-        twice = [key for key, count in fired.items() if count > 1]
-        missing = [key for key, count in fired.items() if count == 0]
-        if twice or missing:
-            names = {key: self.reads[key][0].name for key in twice + missing}
-            raise GradientError(
-                f"Closed-form edges read {sorted(names.values())}: "
-                + (
-                    f"{[names[k] for k in missing]} never ran before the pass reached its "
-                    "last layer (list node layers in forward order). "
-                    if missing
-                    else ""
-                )
-                + (
-                    f"{[names[k] for k in twice]} ran more than once in one forward pass; "
-                    "choose one call with Site(..., call=0) when building the basis, or pass "
-                    "sections=None for backward passes."
-                    if twice
-                    else ""
-                )
-            )
-        if self.target is not None and not reached:
-            raise GradientError(
-                f"Site {self.target.key!r} was never reached in the forward pass; check its "
-                "name and that forward(model, batch) runs it."
-            )
+        """``({read: activation, float64 as read}, output layer activation)``."""
+        captured, reached, result = self.reader(batch)
         y = None
         if self.out_layer is not None:
-            y = output_tensor(result) if self.out_layer.site is None else reached[0]
+            y = output_tensor(result) if self.out_layer.site is None else reached
         return captured, y
 
 

@@ -339,8 +339,7 @@ def test_model_untouched_and_hooks_removed(plain_model, tokens):
     assert hook_state(model) == before
     with pytest.raises(ZeroDivisionError):  # a failing forward still removes the hooks
 
-        def failing(model, batch):
-            model(batch)
+        def failing(model, batch):  # the pass stops once it has read: fail before
             raise ZeroDivisionError
 
         section.gram_pass(model, [tokens], site, out, forward=failing, progress=False)

@@ -57,6 +57,7 @@ def edge_kernel(
     # derivatives with P[k, (j, i)] = a_in[j, k] b_out[k, i], P in blocks of input
     # features j. Chunks hold whole samples (signs mix a sample's positions).
     per_sample = n_pos * d_hidden
+    b_rows = b_out.T.contiguous()  # (r_next, d_hidden): the products below come out contiguous
     step = max(1, elements // per_sample)
     width = max(1, min(r, elements // (d_hidden * r_next), elements // (step * n_pos * r_next)))
     for start in range(0, n, step):
@@ -68,7 +69,7 @@ def edge_kernel(
             if signs is None:
                 # Exact edges: E_ji += sum_n f_nj^2 J_n[j, i]^2, J laid out (j, i, n)
                 # so that the sum over rows is one batched product.
-                products = (a_in[block, None, :] * b_out.T[None]).reshape(-1, d_hidden)
+                products = (a_in[block, None, :] * b_rows[None]).reshape(-1, d_hidden)
                 jac = (products @ slope.T).view(-1, r_next, slope.shape[0])
                 if skip is not None:
                     jac += skip[block, :, None]

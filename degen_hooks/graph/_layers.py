@@ -74,6 +74,15 @@ class NodeLayer:
         )
         return replace(self, positions=index.tolist(), cells=cells, padding=padding)
 
+    def stacked(self, copies: int) -> NodeLayer:
+        """This layer for ``copies`` stacked copies of its batch (copy-major, as
+        :func:`repeat_batch` stacks them)."""
+        if self.cells is None or self.padding is None or copies == 1:
+            return self
+        return replace(
+            self, cells=self.cells.repeat(copies, 1), padding=self.padding.repeat(copies, 1)
+        )
+
     def part(self, samples: slice) -> NodeLayer:
         """This layer for the sequences ``samples`` of its batch (their cells and mask)."""
         if self.cells is None or self.padding is None:

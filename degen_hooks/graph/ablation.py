@@ -105,8 +105,13 @@ def _ablated_output(
     dst: NodeLayer,
     mask: torch.Tensor,
     feature_chunk: int,
+    padding: Any = None,
 ) -> Any:
-    """The model output with only the masked edges of ``src -> dst`` kept (one batch)."""
+    """The model output with only the masked edges of ``src -> dst`` kept (one batch, with
+    its ``(batch, pos)`` padding mask or ``None``: padding is written back unchanged)."""
+    if padding is not None:
+        padding = torch.as_tensor(padding).bool()
+        src, dst = src.at(padding), dst.at(padding)
     r_next = mask.shape[0]
     keep = mask.to(torch.float64)
     parts: list[torch.Tensor] = []
@@ -114,12 +119,18 @@ def _ablated_output(
         group = torch.arange(start, min(start + feature_chunk, r_next))
         g = len(group)
         weights = keep[group]
+        stacked_src, stacked_dst = src.stacked(g), dst.stacked(g)
 
-        def rewrite(act: torch.Tensor, g: int = g, weights: torch.Tensor = weights) -> Any:
-            features = src.features(act)
+        def rewrite(
+            act: torch.Tensor,
+            g: int = g,
+            weights: torch.Tensor = weights,
+            layer: NodeLayer = stacked_src,
+        ) -> Any:
+            features = layer.features(act)
             n, s, r = features.shape
             masked = features.reshape(g, n // g, s, r) * weights.to(features.device)[:, None, None]
-            return src.write(act, masked.reshape(n, s, r))
+            return layer.write(act, masked.reshape(n, s, r))
 
         result = run_section(
             model,
@@ -128,7 +139,7 @@ def _ablated_output(
             rewrites={src.key: (src.site, rewrite)},
             target=dst.site,
         )
-        features = dst.features(output_tensor(result) if dst.site is None else result)
+        features = stacked_dst.features(output_tensor(result) if dst.site is None else result)
         features = features.reshape(g, -1, *features.shape[1:])  # (g, B, T, r_next)
         index = group.to(features.device)
         parts.append(features[torch.arange(g), :, :, index].permute(1, 2, 0))
@@ -167,6 +178,7 @@ def ablate_edges(
     basis: InteractionBasis | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     feature_chunk: int = 16,
+    padding: Callable[[Any], torch.Tensor | None] | None = None,
 ) -> float:
     """The metric on ``data`` with only some edges of one layer pair kept.
 
@@ -183,6 +195,10 @@ def ablate_edges(
         forward: ``forward(model, batch) -> output``; defaults to ``model(batch)``.
         feature_chunk: Output features per stacked forward pass (memory bound); ``1`` runs
             one copy of the batch at a time (any batch type).
+        padding: ``padding(batch) -> (batch, pos)`` boolean mask of the real tokens (the
+            graph's ``fit(mask=...)``; ``hf.mask`` for a tokenizer's ``attention_mask``):
+            padding is written back unchanged and ``"last"`` is each row's last real token.
+            The metric sees the whole output: take padding into account there.
 
     Returns:
         The averaged metric.
@@ -208,7 +224,19 @@ def ablate_edges(
     mask = mask.bool()
     with torch.no_grad():
         return _average(
-            metric(_ablated_output(model, batch, call, src, dst, mask, feature_chunk), batch)
+            metric(
+                _ablated_output(
+                    model,
+                    batch,
+                    call,
+                    src,
+                    dst,
+                    mask,
+                    feature_chunk,
+                    None if padding is None else padding(batch),
+                ),
+                batch,
+            )  # fmt: skip
             for batch in data
         )
 
@@ -256,6 +284,7 @@ def min_edges(
     basis: InteractionBasis | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     feature_chunk: int = 16,
+    padding: Callable[[Any], torch.Tensor | None] | None = None,
 ) -> MinEdgesResult:
     """Bisect for the fewest strongest edges keeping the metric within ``tolerance``.
 
@@ -275,6 +304,7 @@ def min_edges(
         basis: The basis of the edges; default ``graph.basis_``.
         forward: ``forward(model, batch) -> output``.
         feature_chunk: Output features per stacked forward pass.
+        padding: Each batch's padding mask, as :func:`ablate_edges` takes it.
 
     Returns:
         A :class:`MinEdgesResult`.
@@ -290,7 +320,7 @@ def min_edges(
         if k not in evaluations:
             evaluations[k] = ablate_edges(
                 model, graph, key, data, metric=metric, n_edges=k, basis=basis,
-                forward=forward, feature_chunk=feature_chunk,
+                forward=forward, feature_chunk=feature_chunk, padding=padding,
             )  # fmt: skip
         return _within(evaluations[k], base, tolerance, higher_is_better)
 
@@ -371,6 +401,7 @@ def edge_ablation_curve(
     bases: Mapping[str, InteractionBasis] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     feature_chunk: int = 16,
+    padding: Callable[[Any], torch.Tensor | None] | None = None,
     progress: bool = True,
 ) -> EdgeAblationCurve:
     """Edge-ablation curves of one layer pair for several bases (LIB vs PCA vs neurons).
@@ -387,6 +418,7 @@ def edge_ablation_curve(
         bases: ``{name: basis}`` for graphs without ``basis_`` (loaded from files).
         forward: ``forward(model, batch) -> output``.
         feature_chunk: Output features per stacked forward pass.
+        padding: Each batch's padding mask, as :func:`ablate_edges` takes it.
         progress: Show a progress bar.
 
     Returns:
@@ -406,7 +438,9 @@ def edge_ablation_curve(
         ks = default_schedule(total) if n_edges is None else [min(k, total) for k in n_edges]
         curve.n_edges[name], curve.values[name], curve.n_total[name] = ks, [], total
         jobs += [(name, graph, k) for k in ks]
-    common = {"metric": metric, "forward": forward, "feature_chunk": feature_chunk}
+    common = {
+        "metric": metric, "forward": forward, "feature_chunk": feature_chunk, "padding": padding,
+    }  # fmt: skip
     for name, graph, k in tqdm(jobs, desc=f"edges {key}", disable=not progress, leave=False):
         value = ablate_edges(model, graph, key, data, n_edges=k, basis=bases.get(name), **common)
         curve.values[name].append(value)

@@ -147,3 +147,45 @@ def test_a_mask_that_does_not_fit_is_refused(plain_model):
     with pytest.raises(dh.ShapeMismatchError, match=r"Mask of shape \(4, 3\)"):
         InteractionGraph().fit(plain_model, basis, batches, forward=tl_forward,
                                mask=lambda b: b["mask"][:, :3].bool(), progress=False)  # fmt: skip
+
+
+# -- edge ablation ---------------------------------------------------------------------------
+def last_real(output, batch):
+    """The log-probability of token 0 at each row's last real token."""
+    rows = torch.arange(len(output))
+    return output[rows, batch["mask"].sum(1) - 1].log_softmax(-1)[:, 0]
+
+
+def last(output, batch):
+    return output[:, -1].log_softmax(-1)[:, 0]
+
+
+def test_padded_edge_ablation_equals_the_trimmed_rows(plain_model):
+    """``ablate_edges(padding=...)`` writes each row's last real token, as the trimmed rows
+    are written; before, ``"last"`` wrote position -1, padding in a right-padded row."""
+    from degen_hooks.graph import ablate_edges, edge_ablation_curve, min_edges
+
+    model = plain_model
+    basis = tl_basis(model, (None, "last"))
+    batches = padded("right")
+    kw = {"output": True, "output_positions": "last", "progress": False}
+    graph = InteractionGraph().fit(model, basis, batches, forward=tl_forward, mask=tl_mask, **kw)
+    rows = trimmed(batches)
+    padded_kw = {"forward": tl_forward, "padding": tl_mask, "feature_chunk": 3}
+    for pair in graph.pairs_[-3:]:  # attention, MLP (last positions), the unembedding
+        for k in (0, 5, 17):
+            value = ablate_edges(model, graph, pair, batches, metric=last_real, n_edges=k,
+                                 **padded_kw)  # fmt: skip
+            expected = ablate_edges(model, graph, pair, rows, metric=last, n_edges=k)
+            assert value == pytest.approx(expected, rel=1e-10)  # both: the mean over rows
+    pair = graph.pairs_[-1]
+    result = min_edges(model, graph, pair, batches, metric=last_real, tolerance=0.05,
+                       **padded_kw)  # fmt: skip
+    reference = min_edges(model, graph, pair, rows, metric=last, tolerance=0.05)
+    assert (result.n_edges, result.n_total) == (reference.n_edges, reference.n_total)
+    assert result.value == pytest.approx(reference.value, rel=1e-10)
+    curve = edge_ablation_curve(model, {"LIB": graph}, pair, batches, metric=last_real,
+                                n_edges=[0, 4], progress=False, **padded_kw)  # fmt: skip
+    reference = edge_ablation_curve(model, {"LIB": graph}, pair, rows, metric=last,
+                                    n_edges=[0, 4], progress=False)  # fmt: skip
+    assert curve.values["LIB"] == pytest.approx(reference.values["LIB"], rel=1e-10)

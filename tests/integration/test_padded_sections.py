@@ -18,6 +18,7 @@ from degen_hooks.transformer_lens import attention_section, attention_section_si
 from tests.reference import assert_same_bases
 
 from .conftest import D_VOCAB, N_CTX, perturbed, toy_config
+from .test_attention_section import float64_softmax  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 F64 = torch.float64
@@ -223,3 +224,21 @@ def test_a_section_whose_gram_pass_takes_no_mask_is_refused_one():
     with pytest.raises(ValueError, match=r"no padding mask \(no mask= parameter\).*sections=None"):
         dh.build_bases(model, sites, padded_batches(), sections={sites[0].key: (old, None)},
                        forward=hf.forward, mask=hf.mask, progress=False)  # fmt: skip
+
+
+def test_rotary_on_a_padded_hugging_face_bridge(float64_softmax):  # noqa: F811
+    """Right padding: a bridge rotates the real tokens at 0 .. n-1, and the closed form masks
+    the padding keys as its Hugging Face attention does. Left padding: the bridge rotates
+    each row at its own positions, which one rotation per position cannot follow: refused."""
+    from .test_attention_section import HF_ROTARY, hf_bridge
+
+    model = hf_bridge(*HF_ROTARY["llama-yarn"][:2])
+    right, left = tl_padded()
+    source, target_name = attention_section_sites(model, 1)
+    site, target = dh.Site(source), dh.Site(target_name, positions="last")
+    section, readout = attention_section(model, 1), readout_for(16)
+    run = {"forward": tl_forward, "mask": tl_mask, "progress": False}
+    closed = section.gram_pass(model, [right], site, target, readout, **run)
+    assert_gram(closed, exact_gram(model, [right], site, target, readout, tl_forward, tl_mask))
+    with pytest.raises(ValueError, match="differ across the batch"):
+        section.gram_pass(model, [left], site, target, readout, **run)

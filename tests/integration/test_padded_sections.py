@@ -242,3 +242,20 @@ def test_rotary_on_a_padded_hugging_face_bridge(float64_softmax):  # noqa: F811
     assert_gram(closed, exact_gram(model, [right], site, target, readout, tl_forward, tl_mask))
     with pytest.raises(ValueError, match="differ across the batch"):
         section.gram_pass(model, [left], site, target, readout, **run)
+
+
+@pytest.mark.parametrize("positions", [None, "last"])
+def test_tl_mlp_section_gram_pass_on_padded_batches(plain_model, positions):
+    """An MLP section's own pass (``gram_pass``) collects its derivative moments over real
+    tokens only, as ``build_bases`` does in its activation pass."""
+    from degen_hooks.transformer_lens import mlp_section, mlp_section_sites
+
+    source, pre, target = mlp_section_sites(plain_model, 1)
+    section = mlp_section(plain_model, 1).with_pre(pre)
+    site = dh.Site(source, positions=positions)
+    out = dh.Site(target, positions=positions)
+    batches, readout = tl_padded(), readout_for(plain_model.cfg.d_model)
+    closed = section.gram_pass(plain_model, batches, site, out, readout, forward=tl_forward,
+                               mask=tl_mask, progress=False)  # fmt: skip
+    exact = exact_gram(plain_model, batches, site, out, readout, tl_forward, tl_mask)
+    assert_gram(closed, exact)

@@ -121,8 +121,8 @@ class HFAttentionSection(AttentionSection):
         hidden = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
         real = slice(None)
         if mask is not None:  # the keys of padding are hidden too
-            hidden = hidden | ~mask[:, None, None, :]
-            real = mask
+            real = mask.to(q.device)
+            hidden = hidden | ~real[:, None, None, :]
         pattern = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
         pattern = pattern.nan_to_num_(0.0)  # a query that sees no key
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)

@@ -222,23 +222,14 @@ def ablate_edges(
     src, dst = _layers(graph, key, basis)
     call = forward or (lambda m, batch: m(batch))
     mask = mask.bool()
+
+    def evaluated(batch: Any) -> Any:
+        padded = None if padding is None else padding(batch)
+        output = _ablated_output(model, batch, call, src, dst, mask, feature_chunk, padded)
+        return metric(output, batch)
+
     with torch.no_grad():
-        return _average(
-            metric(
-                _ablated_output(
-                    model,
-                    batch,
-                    call,
-                    src,
-                    dst,
-                    mask,
-                    feature_chunk,
-                    None if padding is None else padding(batch),
-                ),
-                batch,
-            )  # fmt: skip
-            for batch in data
-        )
+        return _average(evaluated(batch) for batch in data)
 
 
 @dataclass

@@ -169,7 +169,7 @@ class AttentionSection(_Core):
         attends to it)."""
         error = (self.rotary.rotate(plain.reshape(rotated.shape)) - rotated).abs()  # type: ignore[union-attr]
         if mask is not None:
-            error = error[mask]
+            error = error[mask.to(error.device)]
         if error.numel() and error.max() > 1e-4 * rotated.abs().max():
             raise ValueError(
                 "The model rotated q and k at positions other than 0, 1, ..., n-1 (left "

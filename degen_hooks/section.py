@@ -10,7 +10,10 @@ section offers three methods:
   each batch's ``(batch, pos)`` padding mask, as exact probes under ``run.set_mask``);
 * ``edge_reads(site, target)`` names what one forward pass must read, ``{role: Site}``;
 * ``edge_batch(reads, src, dst, alphas, weights, *, signs=None, elements=None)`` gives one
-  batch's edge sums ``(r_next, r)`` and its number of rows, from those reads.
+  batch's edge sums ``(r_next, r)`` and its number of rows, from those reads. On a padded
+  batch (``InteractionGraph.fit(mask=...)``) the node layers carry ``cells``: ``src.features``
+  is zero at padding and ``src.write`` leaves it unchanged, so a position-wise section needs
+  nothing more; one that mixes positions weights its output positions by ``dst.cells``.
 
 A section whose data statistics ride on ``build_bases``' activation pass adds:
 

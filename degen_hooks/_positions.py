@@ -67,9 +67,7 @@ def select_positions(
     if positions == "last" and mask is not None:
         # With padding, "last" is each row's last unmasked position (rows of padding only
         # are dropped).
-        n_pos = act.shape[1]
-        steps = torch.arange(n_pos, device=act.device).expand_as(mask)
-        last = torch.where(mask, steps, -1).max(dim=1).values
+        last = _last_real(mask)
         keep = last >= 0
         rows = torch.arange(act.shape[0], device=act.device)[keep]
         return act[rows, last[keep]].reshape(-1, act.shape[-1])
@@ -122,8 +120,7 @@ def position_cells(
         cells[:] = True
     elif positions == "last" and mask is not None:
         select_positions(act[:, :, :1], None, mask, key)  # checks the mask's shape
-        steps = torch.arange(act.shape[1], device=act.device).expand(act.shape[:2])
-        last = torch.where(mask.to(act.device).bool(), steps, -1).max(dim=1).values
+        last = _last_real(mask.to(act.device).bool())
         rows = torch.arange(act.shape[0], device=act.device)[last >= 0]
         cells[rows, last[last >= 0]] = True
         return cells
@@ -133,6 +130,13 @@ def position_cells(
         select_positions(act[:, :, :1], None, mask, key)
         cells &= mask.to(act.device).bool()
     return cells
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real position under a ``(batch, pos)`` bool mask, ``(batch,)``: -1 for
+    a row of padding only."""
+    steps = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, steps, -1).max(dim=1).values
 
 
 def _position_index(positions: Positions, n_pos: int, key: str) -> int | slice | torch.Tensor:
@@ -172,8 +176,7 @@ def position_weights(
     """
     f64 = torch.float64
     if mask is not None and positions == "last":
-        steps = torch.arange(n_pos, device=device).expand(mask.shape)
-        last = torch.where(mask, steps, -1).max(dim=1).values  # -1: a row of padding only
+        last = _last_real(mask)
         index = last[last >= 0].unique()
         return index, (last[:, None] == index[None, :]).to(f64)
     steps = torch.arange(n_pos, dtype=f64, device=device)[None, :, None]

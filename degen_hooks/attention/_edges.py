@@ -19,6 +19,7 @@ import torch
 
 from .. import closed_form as _closed_form
 from .._errors import ShapeMismatchError
+from .qk_norm import Frames
 
 
 class AttentionEdges:
@@ -93,7 +94,10 @@ class AttentionEdges:
         readin = None if readin is None else readin.detach().to(device=device, dtype=f64)
         drawn = None if signs is None else signs((f.shape[0], len(outputs), 1), device)
 
-        def moved(part: slice) -> list[tuple[torch.Tensor, ...]]:
+        norms = section.qk_norm
+        raw = None if norms is None else (norms.raw_q, norms.raw_k)
+
+        def moved(part: slice) -> list[tuple[Any, ...]]:
             """The layer at each integration point, for the samples ``part``."""
             out = []
             for alpha in alphas:
@@ -102,8 +106,15 @@ class AttentionEdges:
                 rows = None if self.norm is not None else outputs  # the direct sums' rows
                 out.append(
                     section._moved(
-                        rewritten, x[part], q[part], k[part], v[part], pattern[part], rows
-                    )
+                        rewritten,
+                        x[part],
+                        q[part],
+                        k[part],
+                        v[part],
+                        pattern[part],
+                        rows,
+                        None if raw is None else (raw[0][part], raw[1][part]),
+                    )  # fmt: skip
                 )
             return out
 
@@ -135,11 +146,14 @@ class AttentionEdges:
         v: torch.Tensor,
         pattern: torch.Tensor,
         rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:
-        """``(q, k, v, pattern, x)`` of the layer at the input ``x_new`` (``(b, pos, d_in)``),
-        from its values at ``x``: q, k and v are affine in the normalized input, and the
-        scores change by ``(q' k'^T - q k^T) / scale`` (see :meth:`edge_batch`). With
-        ``rows`` (query positions), q and the pattern only at those rows."""
+        raw: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[Any, ...]:
+        """``(q, k, v, pattern, x, frames)`` of the layer at the input ``x_new`` (``(b, pos,
+        d_in)``), from its values at ``x``: q, k and v are affine in the normalized input, and
+        the scores change by ``(q' k'^T - q k^T) / scale`` (see :meth:`edge_batch`). With
+        ``rows`` (query positions), q and the pattern only at those rows. With norms of q and
+        k, ``raw`` holds their raw projections at ``x``: the moved ones are normed again (and
+        ``frames`` are theirs, else ``None``)."""
         change = self._normalized(x_new) - self._normalized(x)
         n, n_pos, d_in = change.shape
         # One product for q, k and v: (b pos, d_in) x (d_in, 3 h e).
@@ -150,7 +164,14 @@ class AttentionEdges:
             n, n_pos, 3, *q.shape[2:]
         )
         shift_q, shift_k = shifts[:, :, 0], shifts[:, :, 1]
-        if self.rotary is not None:  # rotated vectors: the rotation is linear
+        frames = None
+        if self.qk_norm is not None:  # normed again, then rotated
+            if raw is None or self.rotary is None:
+                raise ValueError("Norms of q and k need their raw projections and rotary tables.")
+            frames = self.qk_norm.frames(raw[0] + shift_q, raw[1] + shift_k)
+            moved_q = self.rotary.rotate(frames.q.normalized)
+            shift_q, shift_k = moved_q - q, self.rotary.rotate(frames.k.normalized) - k
+        elif self.rotary is not None:  # rotated vectors: the rotation is linear
             shift_q, shift_k = self.rotary.rotate(shift_q), self.rotary.rotate(shift_k)
         if rows is not None:
             q, shift_q, pattern = q[:, rows], shift_q[:, rows], pattern[:, :, rows]
@@ -160,11 +181,11 @@ class AttentionEdges:
         # Masked keys have A = 0, log A = -inf: they stay masked. A query that sees no key
         # (a row of -inf) gets a zero row, as TransformerLens sets its NaNs to zero.
         pattern_new = torch.softmax(pattern.log() + scores / self.scale, dim=-1).nan_to_num(0.0)
-        return q_new, k_new, v_new, pattern_new, x_new
+        return q_new, k_new, v_new, pattern_new, x_new, frames
 
     def _edge_sums(
         self,
-        moved: Callable[[slice], list[tuple[torch.Tensor, ...]]],
+        moved: Callable[[slice], list[tuple[Any, ...]]],
         f: torch.Tensor,
         n_keys: int,
         readin: torch.Tensor | None,
@@ -224,16 +245,16 @@ class AttentionEdges:
             for first in range(0, n_out, out_step):
                 block = slice(first, first + out_step)
                 attribution = None
-                for (q, k, v, pattern, x), w in zip(layers, weight, strict=True):
+                for (q, k, v, pattern, x, qk), w in zip(layers, weight, strict=True):
                     if self.norm is None:
                         term = section._direct_attributions(  # q, pattern: output rows
                             q[:, block], k, v, pattern[:, :, block], wor, values, spread[part],
-                            at_output[part, block], outputs[block],
+                            at_output[part, block], outputs[block], qk,
                         )  # fmt: skip
                     else:
                         term = self._rows_attributions(
                             q, k, v, pattern, x, readin, readout, inputs, outputs[block],
-                            f[part],
+                            f[part], qk,
                         )  # fmt: skip
                     if attribution is None:
                         attribution = term if float(w) == 1.0 else term.mul_(w)
@@ -263,6 +284,7 @@ class AttentionEdges:
         spread: torch.Tensor,
         at_output: torch.Tensor,
         outputs: torch.Tensor,
+        qk: Frames | None = None,
     ) -> torch.Tensor:
         """``sum_s d f'_{p,i} / d f_{s,j} f_{s,j}``, shape ``(b, P, r', r)``, without a norm.
 
@@ -276,7 +298,8 @@ class AttentionEdges:
         * values: ``sum_h (sum_l A_hpl f_l) (W_V^h W_O^h R)``;
         * keys and queries, one batched product over ``(h, l)``: ``sum_hl g_hpli
           (key_hpl f_l + query_hpl f_p)``, ``key = W_K^h q_hp / scale`` (rotated back to
-          ``l``), ``query = W_Q^h k_hl / scale`` (rotated back to ``p``).
+          ``l``), ``query = W_Q^h k_hl / scale`` (rotated back to ``p``; with norms of q and
+          k, ``qk`` their frames, both then through the norm's ``P (gamma * .)``).
         """
         n, n_heads, n_keys = q.shape[0], q.shape[2], v.shape[1]
         n_out, r_next, r = len(outputs), wor.shape[2], self.d_in
@@ -293,8 +316,11 @@ class AttentionEdges:
         else:  # q and k rotated: back to the key position l, and to the query position p
             every = torch.arange(n_keys, device=q.device)
             key_at = self.rotary.unrotate(q[:, :, None], every[None, :])  # (b, P, L, h, e)
-            keys = torch.einsum("hje,bplhe->bphlj", w_k, key_at) / self.scale
             query_at = self.rotary.unrotate(k[:, None], outputs[:, None].expand(-1, n_keys))
+            if qk is not None:
+                key_at = qk.k.pull(key_at, expand=(1,))
+                query_at = qk.q.at(outputs).pull(query_at, expand=(2,))
+            keys = torch.einsum("hje,bplhe->bphlj", w_k, key_at) / self.scale
             queries = torch.einsum("hje,bplhe->bphlj", w_q, query_at) / self.scale
             rhs = keys * spread[:, None, None] + queries * at_output[:, :, None, None]
         lhs = g.permute(0, 2, 4, 1, 3).reshape(n * n_out, r_next, n_heads * n_keys)
@@ -317,13 +343,14 @@ class AttentionEdges:
         inputs: torch.Tensor,
         outputs: torch.Tensor,
         f: torch.Tensor,
+        qk: Frames | None = None,
     ) -> torch.Tensor:
         """As :meth:`_direct_attributions`, through the norm: the rows of
         :meth:`jacobian_rows` (``(b, P, K, r', d_in)``, skip left out), projected on the
         input features and summed over input positions."""
         ones = torch.ones(len(outputs), dtype=q.dtype, device=q.device)
         rows = replace(self, residual=False).jacobian_rows(
-            q, k, v, pattern, readout, inputs, outputs, ones, None, x
+            q, k, v, pattern, readout, inputs, outputs, ones, None, x, qk
         )
         if readin is not None:
             rows = rows @ readin.T

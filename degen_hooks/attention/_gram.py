@@ -55,6 +55,16 @@ zo_gp`` (``vo_gj = v_gj W_O^g R``, ``zo_gp = z_gp W_O^g R``):
   of ``y_bj``, ``sum_h W_K^h M_j^T (sum_p kappa_hpj q_hp) / scale``, is summed as
   ``d_head``-vectors per (input, head) and multiplied by ``W_K`` once per sample;
 * the pairs ``p = j`` take ``key_hpp = W_K^h M_p^T q_hp / scale`` (the unrotated query).
+
+Per-head norms of q and k before the rotation (:mod:`.qk_norm`: Qwen 3) put ``P_ht (gamma *
+.)``, ``P_ht = (I - n_ht n_ht^T / e) / sigma_ht``, after each ``M^T``: ``u_hpj = P^k_hj
+(gamma_k * M_j^T q_hp) / scale``, explicit wherever ``u`` is formed (``S``, the pairs, the
+norm's ``y_bj``) and applied to ``M_j^T Qbar_hgj`` once per (input, head); in the means' part
+``P^k_gj`` depends on ``j``, so the tables are weighted by ``c / sigma_gj`` and the rank-one
+part ``sum_j (c t_gpj / (e sigma_gj)) n_gj``, ``t_gpj = (M_j (gamma_k * n_gj)) . q_gp``, is
+taken apart (``H^2 P K e`` per sample, as the tables). The query term's ``E_hp M_p`` gets
+``diag(gamma_q) P^q_hp`` on the right. ``key_hpj . n_bj = q_hp . M_j (gamma_k * P^k_hj W_K^h^T
+n_bj) / scale``.
 """
 
 from __future__ import annotations
@@ -68,6 +78,8 @@ import torch
 
 from ..accumulators import SecondMoment
 from . import _gram_rotary as _rotary
+from .qk_norm import Frames
+from .qk_norm import pull as qk_pull
 
 __all__ = ["accumulate", "lowrank_gram"]
 
@@ -162,6 +174,7 @@ def lowrank_gram(
     if input_weights is None:
         input_weights = q.new_ones(n_batch, len(inputs))
     layer = _Layer.of(s, readout, q.device)
+    qk = s._frames()  # per-head norms of q and k, or None
     d = layer.vw_rows.shape[1]
     sums = {name: q.new_zeros(d, d) for name in ("key", "pairs", "ny", "quad")}
     sums["c"] = q.new_zeros(layer.n_heads, layer.n_heads)  # sum w omega A_h A_h'
@@ -176,7 +189,8 @@ def lowrank_gram(
     parts = groupby(_blocks(q.shape[0], len(outputs), per_output), key=lambda pb: pb[0])
     for part, blocks in parts:
         batch = _Batch.of(s, q[part], k[part], v[part], pattern[part], inputs, layer,
-                          None if x is None else x[part], input_weights[part])  # fmt: skip
+                          None if x is None else x[part], input_weights[part],
+                          None if qk is None else qk.part(part))  # fmt: skip
         for _, block in blocks:
             _add_block(s, sums, cross, batch, layer, outputs[block], weights[part, block])
         if batch.turned is not None:
@@ -289,11 +303,13 @@ class _Batch:
     y_key: torch.Tensor | None = None  # the keys' part of y: (b, K, d)
     quad: torch.Tensor | None = None  # n^T M0 n: (b, K)
     turned: _rotary.RotaryBatch | None = None  # with rotary embeddings
+    qk: Frames | None = None  # with norms of q and k: their frames at every position
 
     @classmethod
     def of(cls, s: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            pattern: torch.Tensor, inputs: torch.Tensor, layer: _Layer,
-           x: torch.Tensor | None, counts: torch.Tensor) -> _Batch:  # fmt: skip
+           x: torch.Tensor | None, counts: torch.Tensor,
+           qk: Frames | None = None) -> _Batch:  # fmt: skip
         n, n_in = q.shape[0], len(inputs)
         if s.norm is None:
             batch = cls(q, k, v, pattern, inputs, counts, counts)
@@ -304,8 +320,9 @@ class _Batch:
                 q, k, v, pattern, inputs, counts, counts / sigma[..., 0].square(), normed,
                 sigma, nu, torch.zeros_like(nu), torch.zeros_like(normed), q.new_zeros(n, n_in),
             )  # fmt: skip
+        batch.qk = qk
         if layer.turn is not None:
-            batch.turned = _rotary.RotaryBatch.of(layer, v, inputs, batch.normed)
+            batch.turned = _rotary.RotaryBatch.of(layer, v, inputs, batch.normed, qk)
         return batch
 
 
@@ -344,6 +361,8 @@ def _add_block(
         g = _rotary.add_keys(sums, batch, layer, waa, rows_p, outputs)
         cos, sin = layer.turn.at(outputs[p_idx])
         turned = layer.turn.back(q[:, p_idx], cos[:, None], sin[:, None])  # M_p^T q_hp
+        if batch.qk is not None:  # through the norm of k at p
+            turned = batch.qk.k.at(inputs[j_idx]).pull(turned)
         key_pp = torch.einsum("hie,bnhe->bnhi", layer.w_k, turned) / layer.scale
     if batch.normed is not None:  # key_hpj . n_bj, then the norm's vectors
         if batch.turned is None:
@@ -458,6 +477,8 @@ def _query_rows(
             query = torch.einsum("blhe,hed->bhld", batch.k, wq).reshape(n, -1, wq.shape[2])
             return (g_all.reshape(n, n_pairs * r, -1) @ query).view(n, n_pairs, r, -1)
         k_at = turn.back(batch.k[:, None], cos[:, None, None], sin[:, None, None])
+        if batch.qk is not None:  # through the norm of q at p: (b, n, L, h, e)
+            k_at = batch.qk.q.at(positions).pull(k_at, expand=(2,))
         query = torch.einsum("bnlhe,hed->bnhld", k_at, wq).reshape(n, n_pairs, -1, wq.shape[2])
         return g_all.reshape(n, n_pairs, r, -1) @ query
     a_h, k_t = a_rows.transpose(1, 2).contiguous(), batch.k.transpose(1, 2)  # (b,h,n,L), (b,h,L,e)
@@ -466,5 +487,9 @@ def _query_rows(
     e_hp -= z[..., None] * (a_h @ k_t)[..., None, :]  # E_hp: (b, h, n, e, e)
     if turn is not None:  # E_hp M_p: each row rotated back to p
         e_hp = turn.back(e_hp, cos[:, None], sin[:, None])
+    if batch.qk is not None:  # E_hp M_p diag(gamma_q) P^q_hp: rows through the norm of q
+        frame = batch.qk.q.at(positions)  # (b, n, h, ...)
+        n_q, sigma_q = (t.transpose(1, 2)[..., None, :] for t in (frame.n, frame.sigma))
+        e_hp = qk_pull(e_hp, n_q, sigma_q, frame.gain)
     g_q = torch.einsum("her,bhnef->bnrhf", layer.wor, e_hp)  # (W_O^h R)^T E_hp
     return g_q.reshape(n, n_pairs, r, -1) @ layer.wq_rows

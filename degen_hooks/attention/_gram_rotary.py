@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .qk_norm import Frames
+from .qk_norm import pull as _qk_pull
 from .rotary import Rotary
 
 __all__ = ["RotaryBatch", "Turn", "add_keys", "finish", "finish_batch", "group_size", "per_output"]
@@ -107,25 +109,31 @@ class RotaryBatch:
     # The blocks' zo_gp (b, g, P, r) and sum_j c_hgpj M_j^T q_gp (b, h, g, P, e), multiplied
     # once per sample chunk (a product over every output position).
     means: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    norm_k: Any = None  # with norms of q and k: the k frame at the inputs (b, K, h, .)
 
     @classmethod
     def of(cls, layer: Any, v: torch.Tensor, inputs: torch.Tensor,
-           normed: torch.Tensor | None) -> RotaryBatch:  # fmt: skip
+           normed: torch.Tensor | None, qk: Frames | None = None) -> RotaryBatch:  # fmt: skip
         turn: Turn = layer.turn
         cos, sin = turn.at(inputs)
         vo = torch.einsum("blhe,her->bhlr", v, layer.wor)
         n, n_heads, d_head = v.shape[0], layer.n_heads, layer.wor.shape[1]
         qbar = v.new_zeros(n, n_heads, n_heads, len(inputs), d_head)  # (b, g, h, K, e)
+        norm_k = None if qk is None else qk.k.at(inputs)
         if normed is None:
-            return cls(vo, cos, sin, qbar)
+            return cls(vo, cos, sin, qbar, norm_k=norm_k)
         kw = torch.einsum("hde,bkd->bkhe", layer.w_k, normed)  # W_K^h^T n_bj
+        if norm_k is not None:  # key . n_bj = q . M_j (gamma * P W_K^h^T n_bj)
+            kw = norm_k.gain * _qk_pull(kw, norm_k.n, norm_k.sigma, None)
         kr = turn.forth(kw, cos[:, None], sin[:, None]) / layer.scale
-        return cls(vo, cos, sin, qbar, kr, torch.zeros_like(kr))
+        return cls(vo, cos, sin, qbar, kr, torch.zeros_like(kr), norm_k=norm_k)
 
     def key_vectors(self, layer: Any) -> torch.Tensor:
         """The keys' part of ``y_bj = M0_bj n_bj``: ``sum_h W_K^h M_j^T (sum_p kappa_hpj
         q_hp) / scale``, ``(b, K, d)``."""
         turned = layer.turn.back(self.y_turned, self.cos[:, None], self.sin[:, None])
+        if self.norm_k is not None:
+            turned = self.norm_k.pull(turned)
         return torch.einsum("hde,bkhe->bkd", layer.w_k, turned) / layer.scale
 
 
@@ -158,13 +166,12 @@ def add_keys(
     q_g = q.transpose(1, 2).reshape(-1, n_out, q.shape[3])  # (b g, P, e)
     lhs = waa.transpose(1, 2).transpose(-1, -2).reshape(len(q_g), -1, n_out)  # (b g, h K, P)
     extra.qbar.view(len(q_g), -1, q.shape[3]).baddbmm_(lhs, q_g)  # Qbar += c q
-    # sum_j c_hgpj M_j^T q_gp from the weighted tables: the mean's part of N_hg (minus).
-    tables = torch.einsum("bhgpk,ke->bhgpe", waa, torch.cat([extra.cos, extra.sin], 1))
-    cos, sin = tables.split(extra.cos.shape[1], dim=-1)
-    extra.means.append((zo, turn.back(q.permute(0, 2, 1, 3)[:, None], cos, sin)))
+    extra.means.append((zo, _weighted_turns(waa, q, extra, turn)))
     # S: s_hgpj = c_hgpj g_hpj . g_gpj, summed with u_hpj u_gpj^T within groups of heads.
     s_pk = waa.permute(0, 3, 4, 1, 2) * (g @ g.transpose(-1, -2))  # (b, P, K, h, g)
     u = turn.back(q[:, :, None] / layer.scale, extra.cos[:, None], extra.sin[:, None])
+    if extra.norm_k is not None:  # u_hpj = P^k_hj (gamma_k * M_j^T q_hp) / scale
+        u = extra.norm_k.pull(u, expand=(1,))
     size, d_head = layer.group, q.shape[3]
     n_heads = layer.n_heads
     n_groups = n_heads // size
@@ -176,11 +183,43 @@ def add_keys(
     return g
 
 
+def _weighted_turns(
+    waa: torch.Tensor, q: torch.Tensor, extra: RotaryBatch, turn: Turn
+) -> torch.Tensor:
+    """``sum_j c_hgpj u_gpj`` times ``scale``, ``(b, h, g, P, e)``, from the weighted tables
+    ``sum_j c_hgpj (cos_j, sin_j)`` (``u_gpj = M_j^T q_gp / scale``): the mean's part of
+    ``N_hg`` (minus).
+
+    Through the norm of k (``u_gpj = P_gj (gamma * M_j^T q_gp) / scale``, ``P_gj = (I - n_gj
+    n_gj^T / e) / sigma_gj``), the tables are weighted by ``c / sigma_gj`` and multiplied by
+    ``gamma``, less the rank-one part ``sum_j (c t_gpj / (e sigma_gj)) n_gj`` with ``t_gpj =
+    (M_j (gamma * n_gj)) . q_gp``.
+    """
+    turn_q = q.permute(0, 2, 1, 3)[:, None]  # (b, 1, g, P, e)
+    norm = extra.norm_k
+    if norm is not None:  # c / sigma_gj: (b, h, g, P, K)
+        waa = waa / norm.sigma[..., 0].transpose(1, 2)[:, None, :, None, :]
+    tables = torch.einsum("bhgpk,ke->bhgpe", waa, torch.cat([extra.cos, extra.sin], 1))
+    cos, sin = tables.split(extra.cos.shape[1], dim=-1)
+    turned = turn.back(turn_q, cos, sin)
+    if norm is None:
+        return turned
+    n_k = norm.n.transpose(1, 2)  # (b, g, K, e)
+    m = turn.forth(norm.gain * norm.n, extra.cos[:, None], extra.sin[:, None])  # (b, K, g, e)
+    t = torch.einsum("bpge,bkge->bgpk", q, m) / n_k.shape[-1]
+    return norm.gain * turned - torch.einsum("bhgpk,bgke->bhgpe", waa * t[:, None], n_k)
+
+
 def finish_batch(sums: dict[str, torch.Tensor], batch: Any, layer: Any) -> None:
     """Add the chunk's ``N_hg`` once its blocks have summed ``Qbar`` and the means' parts:
-    ``sum_j vo_gj (M_j^T Qbar_hgj)^T - sum_p zo_gp (sum_j c_hgpj M_j^T q_gp)^T``."""
+    ``sum_j vo_gj (M_j^T Qbar_hgj)^T - sum_p zo_gp (sum_j c_hgpj M_j^T q_gp)^T`` (``M_j^T``
+    then ``P^k_gj (gamma_k * .)`` through norms of k)."""
     extra: RotaryBatch = batch.turned
     turned = layer.turn.back(extra.qbar, extra.cos, extra.sin)  # M_j^T Qbar_hgj
+    if extra.norm_k is not None:  # (b, g, h, K, e): the frame of head g at input j
+        frame = extra.norm_k
+        n_k, sigma_k = (t.transpose(1, 2)[:, :, None] for t in (frame.n, frame.sigma))
+        turned = _qk_pull(turned, n_k, sigma_k, frame.gain)
     vo_in = extra.vo[:, :, batch.inputs]
     zo = torch.cat([means[0] for means in extra.means], 2)  # (b, g, P, r)
     weighted = torch.cat([means[1] for means in extra.means], 3)  # (b, h, g, P, e)

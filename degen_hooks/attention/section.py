@@ -29,7 +29,10 @@ norm's gain is folded into ``W_Q``, ``W_K`` and ``W_V``, and the residual bypass
 
 Rotary embeddings rotate q and k per position, ``q'_hp = M_p q_hp``: the scores are made of
 the rotated vectors, and the key and query terms become ``W_K^h M_j^T q'_hp`` and
-``W_Q^h M_p^T k'_hl`` (positions ``0 .. n-1``: no left-padding offsets).
+``W_Q^h M_p^T k'_hl`` (positions ``0 .. n-1``: no left-padding offsets). Per-head norms of q
+and k before the rotation (Qwen 3, :mod:`.qk_norm`) put their Jacobians between:
+``W_K^h P^k_hj (gamma_k * M_j^T q'_hp)`` and ``W_Q^h P^q_hp (gamma_q * M_p^T k'_hl)``, with
+``P_ht = (I - n_ht n_ht^T / d_head) / sigma_ht`` recomputed from the raw projections.
 
 A family's section subclasses :class:`AttentionSection` with three methods: ``_reads()``,
 the :class:`~degen_hooks.Site` of each tensor a forward pass must read, by role;
@@ -54,6 +57,7 @@ from ..accumulators import SecondMoment
 from ..sites import Site
 from ._edges import AttentionEdges
 from ._gram import accumulate
+from .qk_norm import Frames, QKNorm
 from .rotary import Rotary
 
 __all__ = ["AttentionSection", "heads"]
@@ -93,6 +97,8 @@ class AttentionSection(AttentionEdges):
             ``"RMSPre"`` (its Jacobian is recomputed from the section's input).
         eps: The norm's epsilon.
         rotary: The rotary embedding of q and k (fixed tables; a family may set each batch's).
+        qk_norm: Per-head norms of q and k before the rotation (:mod:`.qk_norm`; the family
+            sets each batch's raw projections), or ``None``. Needs ``rotary``.
     """
 
     w_q: torch.Tensor
@@ -106,6 +112,7 @@ class AttentionSection(AttentionEdges):
     norm: str | None = None
     eps: float = 1e-5
     rotary: Rotary | None = None
+    qk_norm: QKNorm | None = None
 
     @property
     def d_in(self) -> int:
@@ -157,6 +164,7 @@ class AttentionSection(AttentionEdges):
         weights: torch.Tensor,
         out: torch.Tensor | None = None,
         x: torch.Tensor | None = None,
+        qk: Frames | None = None,
     ) -> torch.Tensor:
         """Read-out Jacobians ``sqrt(w_p) R^T (dy_p/dx_j)^T`` of one batch, as Gram rows.
 
@@ -169,6 +177,7 @@ class AttentionSection(AttentionEdges):
             weights: How often each output position is probed, shape ``(P,)``.
             out: Optional buffer of ``b * P * K * r * d_in`` elements to write into.
             x: The section input ``(b, pos, d_in)``, float64; needed with a norm.
+            qk: With ``qk_norm``, the frames of these samples (default: the batch's).
 
         Returns:
             ``(b, P, K, r, d_in)``: one row per (sample, output position, feature), whose
@@ -197,6 +206,7 @@ class AttentionSection(AttentionEdges):
         # g_hplr = sqrt(w_p) A_hpl (v_hl - z_hp) W_O^h R: how the score s_hpl moves y_p.
         spread = v.permute(0, 2, 1, 3)[:, :, None] - z[:, :, :, None]  # (b, h, P, l, e)
         g = torch.einsum("bhple,her->bphlr", a[..., None] * spread, wor)
+        qk = self._frames(qk)
         if self.rotary is None:
             # Keys: ds_hpj/dx_j = W_K^h q_hp / scale, for every sample row (b, p).
             keys = torch.einsum("hie,bphe->bphi", w_k, q[:, outputs]) / self.scale
@@ -210,9 +220,12 @@ class AttentionSection(AttentionEdges):
                 rows[:, p_index, k_index].baddbmm_(lhs, queries)
         else:
             # q and k are the rotated vectors: ds_hpl/dx_l = W_K^h M_l^T q_hp / scale and
-            # ds_hpl/dx_p = W_Q^h M_p^T k_hl / scale, M_t the rotation at position t.
+            # ds_hpl/dx_p = W_Q^h M_p^T k_hl / scale, M_t the rotation at position t (through
+            # the q/k norms' P (gamma * .) when there are some).
             n_pos = v.shape[1]
             key_at = self.rotary.unrotate(q[:, outputs, None], inputs[None, :])  # (b,P,K,h,e)
+            if qk is not None:
+                key_at = qk.k.at(inputs).pull(key_at, expand=(1,))
             keys = torch.einsum("hie,bpkhe->bpkhi", w_k, key_at) / self.scale
             lhs = g[:, :, :, inputs].permute(0, 1, 3, 4, 2)  # (b, P, K, r, h)
             rows.view(-1, r, d_in).baddbmm_(
@@ -221,6 +234,8 @@ class AttentionSection(AttentionEdges):
             for p_index, k_index in diagonal:
                 position = outputs[p_index].expand(n_pos)
                 query_at = self.rotary.unrotate(k, position)  # (b, l, h, e)
+                if qk is not None:
+                    query_at = qk.q.at(outputs[p_index]).pull(query_at, expand=(1,))
                 queries = torch.einsum("hie,blhe->bhli", w_q, query_at).reshape(n, -1, d_in)
                 lhs = g[:, p_index].permute(0, 3, 1, 2).reshape(n, r, -1)
                 rows[:, p_index, k_index].baddbmm_(lhs, queries / self.scale)
@@ -232,6 +247,17 @@ class AttentionSection(AttentionEdges):
             for p_index, k_index in diagonal:
                 rows[:, p_index, k_index] += root[p_index] * readout.T
         return rows
+
+    def _frames(self, qk: Frames | None = None) -> Frames | None:
+        """The q/k norms' frames (``qk``, else the batch's), or ``None`` without q/k norms."""
+        if self.qk_norm is None:
+            return None
+        if self.rotary is None:
+            raise ValueError(
+                "Norms of q and k are covered with rotary embeddings only; leave this section "
+                "to backward passes (sections=None)."
+            )
+        return self.qk_norm.frames() if qk is None else qk
 
     def _through_norm(self, rows: torch.Tensor, x: torch.Tensor) -> None:
         """``rows <- rows D`` in place, ``D = (P - n^T n / d) / sigma`` the norm's Jacobian.

@@ -7,7 +7,8 @@ never forms its pattern, so one forward pass reads
 
 * the layer's input ``x`` (the residual stream; the norm before attention is recomputed);
 * q, k and v as the projections return them (``q_proj``/``k_proj``/``v_proj``, or GPT-2's
-  fused ``c_attn``; biases included);
+  fused ``c_attn``; biases included; Qwen 3's q and k before their per-head RMSNorms, which
+  the section applies itself, :mod:`degen_hooks.attention.qk_norm`);
 * the ``(cos, sin)`` tables the model's rotary embedding passes every layer (Llama-style);
 * the input of the output projection (``o_proj``, GPT-2's ``c_proj``): the heads' outputs
   ``z``;
@@ -33,6 +34,7 @@ from torch import nn
 from .._errors import ShapeMismatchError
 from .._weights import float64_copy
 from ..attention import AttentionSection
+from ..attention.qk_norm import QKNorm
 from ..attention.rotary import passed_rotary
 from ..attention.section import heads
 from ..sites import Site
@@ -113,8 +115,12 @@ class HFAttentionSection(AttentionSection):
             parts = (reads["q"], reads["k"], reads["v"])
         q, k, v = (heads(part, n_heads, d_head) for part in parts)
         section: AttentionSection = self
+        if self.qk_norm is not None:  # the projections are raw: norm each head's q and k
+            section = replace(self, qk_norm=self.qk_norm.of_batch(q, k))
+            frames = section.qk_norm.frames()  # type: ignore[union-attr]
+            q, k = frames.q.normalized, frames.k.normalized
         if self.tables:
-            section = replace(self, rotary=passed_rotary(reads["cos"], reads["sin"]))
+            section = replace(section, rotary=passed_rotary(reads["cos"], reads["sin"]))
             q, k = section.rotary.rotate(q), section.rotary.rotate(k)  # type: ignore[union-attr]
         n_pos = q.shape[1]
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.scale
@@ -127,26 +133,35 @@ class HFAttentionSection(AttentionSection):
         pattern = pattern.nan_to_num_(0.0)  # a query that sees no key
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
         size = float(v.abs().max())
-        _check("heads' outputs", z.flatten(2)[real], reads["z"][real], size, self.source)
+        # transformers' RMSNorm of q and k takes its variance in float32 whatever the dtype
+        loose = self.qk_norm is not None
+        _check("heads' outputs", z.flatten(2)[real], reads["z"][real], size, self.source, loose)
         x = reads["x"].to(F64)
         y = x + torch.einsum("bqhe,hed->bqd", z, self.w_o.to(x.device))
         if self.b_o is not None:
             y += self.b_o.to(x.device)
-        _check("output", y[real], reads["y"][real], None, self.source)
+        _check("output", y[real], reads["y"][real], None, self.source, loose)
         return section, q, k, v, pattern
 
 
 def _check(
-    what: str, expected: torch.Tensor, got: torch.Tensor, size: float | None, at: str
+    what: str,
+    expected: torch.Tensor,
+    got: torch.Tensor,
+    size: float | None,
+    at: str,
+    float32_norms: bool = False,
 ) -> None:
     """Refuse a batch where the model's ``got`` is not the closed form's ``expected``
-    (compared relative to ``size``, by default the largest ``expected``)."""
+    (compared relative to ``size``, by default the largest ``expected``; a float64 model whose
+    ``float32_norms`` round through float32 to float32's tolerance)."""
     if expected.numel() == 0:  # a batch of padding only
         return
     if size is None:
         size = float(expected.abs().max())
     error = float((expected - got.to(F64)).abs().max())
     bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
+    bits = min(bits, 32) if float32_norms else bits
     tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
     if not error <= tolerance:
         raise ValueError(
@@ -168,15 +183,15 @@ def hf_attention_section(
     Args:
         model: The (unwrapped) ``transformers`` model.
         model_type: ``"gpt2"`` or a Llama-layout type (``"llama"``, ``"mistral"``,
-            ``"qwen2"``).
+            ``"qwen2"``, ``"qwen3"``).
         layers: The decoder layers' paths.
         index: The layer.
         norm: ``(kind, gain, bias, eps)`` of the norm before attention.
         target: The path of the norm before the MLP (its input is the section's output).
 
     Raises:
-        ValueError: For attention the closed form does not cover (a norm of q or k, cross
-            attention, attention sinks, soft-capped scores).
+        ValueError: For attention the closed form does not cover (norms of q or k other than
+            Qwen 3's per-head RMSNorms, cross attention, attention sinks, soft-capped scores).
     """
     layer_path = layers[index]
     layer = model.get_submodule(layer_path)
@@ -192,12 +207,14 @@ def hf_attention_section(
         w_o = float64_copy(attn.c_proj.weight).reshape(n_heads, -1, d_model)
         out_proj = attn.c_proj
         projections, mixer, tables = (f"{layer_path}.attn.c_attn",), "attn.c_proj", ""
+        qk_norm = None
     else:
         attn = layer.self_attn
-        odd = [name for name in ("q_norm", "k_norm", "sinks") if hasattr(attn, name)]
+        odd = [name for name in ("sinks",) if hasattr(attn, name)]
         if odd or getattr(model.config, "attn_logit_softcapping", None):
             raise ValueError(f"No closed form for attention with {odd or 'soft-capped scores'}.")
         d_head = int(attn.head_dim)
+        qk_norm = _qk_norm(attn, d_head)
         w_q, w_k, w_v = (
             _heads_in(float64_copy(getattr(attn, f"{n}_proj").weight).T, None, d_head)
             for n in "qkv"
@@ -206,6 +223,8 @@ def hf_attention_section(
         out_proj = attn.o_proj
         projections = tuple(f"{layer_path}.self_attn.{n}_proj" for n in "qkv")
         mixer, tables = "self_attn.o_proj", _rotary_module(model)
+    if qk_norm is not None and not tables:
+        raise ValueError("No closed form for norms of q and k without rotary embeddings.")
     # Grouped-query attention: each key/value head serves consecutive query heads.
     w_k, w_v = (w.repeat_interleave(w_q.shape[0] // w.shape[0], dim=0) for w in (w_k, w_v))
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
@@ -219,8 +238,41 @@ def hf_attention_section(
         w_o=w_o.contiguous(), scale=1.0 / float(scaling), residual=True,
         source=layer_path, target=target, norm=kind, eps=eps,
         previous=layers[index - 1] if index else "", projections=projections,
-        mixer=f"{layer_path}.{mixer}", tables=tables, b_o=_bias(out_proj),
+        mixer=f"{layer_path}.{mixer}", tables=tables, b_o=_bias(out_proj), qk_norm=qk_norm,
     )  # fmt: skip
+
+
+def _qk_norm(attn: nn.Module, d_head: int) -> QKNorm | None:
+    """Qwen 3's RMSNorms of each head's q and k (``weight * x / sqrt(mean(x^2) + eps)`` over
+    ``d_head``), or ``None`` without them.
+
+    Raises:
+        ValueError: For other norms of q or k (one of them, another kind, or another width).
+    """
+    norms = [getattr(attn, name, None) for name in ("q_norm", "k_norm")]
+    if norms == [None, None]:
+        return None
+    kinds = [type(norm).__name__ for norm in norms]
+    fits = all(
+        norm is not None
+        and "RMSNorm" in type(norm).__name__
+        and isinstance(getattr(norm, "variance_epsilon", None), float)
+        and tuple(getattr(norm, "weight", torch.empty(0)).shape) == (d_head,)
+        for norm in norms
+    )
+    if not fits:
+        raise ValueError(
+            f"No closed form for the norms of q and k {kinds}: covered are RMSNorms of each "
+            f"head's q and k (weight of shape ({d_head},), as Qwen 3's)."
+        )
+    q_norm, k_norm = norms
+    if q_norm.variance_epsilon != k_norm.variance_epsilon:  # type: ignore[union-attr]
+        raise ValueError("No closed form for norms of q and k with different epsilons.")
+    return QKNorm(
+        float64_copy(q_norm.weight),  # type: ignore[union-attr]
+        float64_copy(k_norm.weight),  # type: ignore[union-attr]
+        float(q_norm.variance_epsilon),  # type: ignore[union-attr]
+    )
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

@@ -21,10 +21,10 @@ consecutive sites of one decoder layer (and from the last layer to the logits),
 
 Covered: GPT-2 (LayerNorm, ``Conv1D`` projections) and the Llama layout with separate gate
 and up projections (Llama, Mistral, Qwen 2 and 3: RMSNorm, SwiGLU, no MLP projection biases;
-rotary, grouped-query attention). Qwen 3's attention (a norm of q and k) is left to backward
-passes. Llama-style RMSNorm takes its variance in float32 whatever the model's dtype, so on a
-float64 model these closed forms (float64 throughout) differ from the model's own Jacobian at
-float32 rounding (about 1e-7 relative). Sharded weights (FSDP2) are gathered whole.
+rotary, grouped-query attention; Qwen 3's RMSNorms of each head's q and k). Llama-style
+RMSNorm takes its variance in float32 whatever the model's dtype, so on a float64 model these
+closed forms (float64 throughout) differ from the model's own Jacobian at float32 rounding
+(about 1e-7 relative). Sharded weights (FSDP2) are gathered whole.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ brute-force ``torch.func.jacrev`` of the attention block over stacked samples.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -488,17 +489,31 @@ def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adj
     Gram of the rows, for random weights, q, k, v and tables (a rotation scaled as YaRN's
     ``attention_scaling`` does) and a causal pattern with more masked entries; key/value
     heads shared by 1, 2 or 4 query heads, full and partial rotation, both pair flips."""
+    assert_rotary_pieces_equal_the_rows(norm, kv_heads, rotary_dim, adjacent, case, False)
+
+
+@pytest.mark.parametrize("norm", [None, "RMS"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("rotary_dim", [6, 4], ids=["full", "partial"])
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=["all", "repeated", "off", "subset"])
+def test_qk_normed_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, case):
+    """Norms of each head's q and k before the rotation (Qwen 3): the factorised Gram still
+    equals the Gram of the rows (whose own exactness the Hugging Face tests check against
+    exact probes), with random gains and raw projections."""
+    assert_rotary_pieces_equal_the_rows(norm, kv_heads, rotary_dim, False, case, True)
+
+
+def rotary_case(kv_heads, rotary_dim, adjacent, n_pos, qk, gen):
+    """Random weights, q, k, v, tables and causal pattern of a rotary section (and its q/k
+    norms with ``qk``): ``(section, q, k, v, pattern, x, read)``."""
     from dataclasses import replace
 
-    from degen_hooks.attention._gram import lowrank_gram
+    from degen_hooks.attention.qk_norm import QKNorm
     from degen_hooks.attention.rotary import Rotary
-
-    gen = torch.Generator().manual_seed(11)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    inputs, outputs, weights, n_pos = case
     b, h, e, d = 2, 4, 6, 8
     shared = [w.repeat_interleave(h // kv_heads, 0) for w in (rand(kv_heads, d, e),) * 2]
     angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * rand(rotary_dim // 2).exp()
@@ -506,18 +521,37 @@ def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adj
     rotary = Rotary(cos=1.3 * angles.cos(), sin=1.3 * angles.sin(), adjacent_pairs=adjacent)
     base = attention_section(build_hooked_or_bridge(), 0, residual=True)
     q, k, v = rand(b, n_pos, h, e), rand(b, n_pos, h, e), rand(b, n_pos, h, e)
+    norms = None
+    if qk:  # q and k normed per head before the rotation, from raw projections
+        raw_k = rand(b, n_pos, kv_heads, e).repeat_interleave(h // kv_heads, 2)
+        norms = QKNorm(rand(e), rand(e), 1e-3).of_batch(q, raw_k)
+        frames = norms.frames()
+        q, k = frames.q.normalized, frames.k.normalized
     q, k = rotary.rotate(q), rotary.rotate(k)
     causal = torch.ones(n_pos, n_pos).tril().bool() & (rand(b, h, n_pos, n_pos) > -1.0)
     pattern = torch.softmax(rand(b, h, n_pos, n_pos).masked_fill(~causal, -torch.inf), -1)
     pattern = pattern.nan_to_num(0.0)  # a row with every key masked
     x, read = rand(b, n_pos, d), rand(d, 3)
+    section = replace(
+        base, w_q=rand(h, d, e), w_k=shared[0], w_v=shared[1], w_o=rand(h, e, d),
+        scale=1.7, rotary=rotary, qk_norm=norms,
+    )  # fmt: skip
+    return section, q, k, v, pattern, x, read
+
+
+def assert_rotary_pieces_equal_the_rows(norm, kv_heads, rotary_dim, adjacent, case, qk):
+    from dataclasses import replace
+
+    from degen_hooks.attention._gram import lowrank_gram
+
+    gen = torch.Generator().manual_seed(11)
+    inputs, outputs, weights, n_pos = case
+    base, q, k, v, pattern, x, read = rotary_case(kv_heads, rotary_dim, adjacent, n_pos, qk, gen)
+    b, d = q.shape[0], x.shape[-1]
     args = (q, k, v, pattern, read, torch.tensor(inputs), torch.tensor(outputs),
             torch.tensor(weights, dtype=torch.float64))  # fmt: skip
     for residual in (True, False):
-        section = replace(
-            base, w_q=rand(h, d, e), w_k=shared[0], w_v=shared[1], w_o=rand(h, e, d),
-            scale=1.7, residual=residual, norm=norm, rotary=rotary,
-        )  # fmt: skip
+        section = replace(base, residual=residual, norm=norm)
         rows = section.jacobian_rows(*args, x=x).reshape(-1, d)
         gram = lowrank_gram(section, *args, x=x)
         torch.testing.assert_close((gram + gram.T) / 2, rows.T @ rows, rtol=1e-10, atol=1e-12)
@@ -526,6 +560,27 @@ def test_rotary_gram_from_pieces_equals_the_rows(norm, kv_heads, rotary_dim, adj
         rows = weighted_rows(section.jacobian_rows(*args[:-1], ones, x=x), per_bp, per_bj)
         gram = lowrank_gram(section, *args[:-1], per_bp, x=x, input_weights=per_bj)
         torch.testing.assert_close((gram + gram.T) / 2, rows.T @ rows, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("qk", [False, True], ids=["rotary", "qk_norm"])
+def test_direct_attributions_equal_the_rows(qk):
+    """Without a norm before it, the edges sum a section's attributions over input positions
+    inside their products (``_direct_attributions``); they equal the rows of
+    ``jacobian_rows`` times the features, summed (``_rows_attributions``)."""
+    gen = torch.Generator().manual_seed(3)
+    section, q, k, v, pattern, x, read = rotary_case(2, 4, False, 5, qk, gen)
+    section = replace(section, residual=False)
+    inputs, outputs = torch.arange(5), torch.tensor([1, 4])
+    f = torch.randn(q.shape[0], 5, x.shape[-1], generator=gen, dtype=torch.float64)
+    frames = section._frames()
+    wor = torch.einsum("hed,dr->her", section.w_o, read)
+    values = torch.einsum("hje,her->hrj", section.w_v, wor)
+    direct = section._direct_attributions(
+        q[:, outputs], k, v, pattern[:, :, outputs], wor, values, f, f[:, outputs], outputs,
+        frames,
+    )  # fmt: skip
+    rows = section._rows_attributions(q, k, v, pattern, x, None, read, inputs, outputs, f, frames)
+    torch.testing.assert_close(direct, rows, rtol=1e-10, atol=1e-12)
 
 
 def build_hooked_or_bridge():

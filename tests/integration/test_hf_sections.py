@@ -96,7 +96,7 @@ def test_uncovered_layers_are_left_to_backward_passes():
     assert find_sections(gpt2, crossing[:1], crossing[1]) == {}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_auto_build_equals_backward_passes(family, tokens):
     model = float64_norms(build(family))
     sites = hf.decoder_sites(model, ["resid_pre", "resid_mid", "mlp_hidden", "resid_post"])
@@ -112,7 +112,7 @@ def test_auto_build_equals_backward_passes(family, tokens):
 
 
 # -- attention ------------------------------------------------------------------------------
-ATTENTION = ["gpt2", "llama", "mistral", "qwen2"]  # qwen3 norms q and k: backward passes
+ATTENTION = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]  # qwen3: q and k normed per head
 # (resid_pre, resid_mid) positions
 ATTENTION_POSITIONS = [(None, None), (None, "last"), ([0, 2], [1, 3]), ("last", None)]
 
@@ -130,8 +130,9 @@ def attention_pair(model, layer, positions, *, previous_output=False):
 @pytest.mark.parametrize("family", ATTENTION)
 @pytest.mark.parametrize("positions", ATTENTION_POSITIONS, ids=["all", "last", "lists", "from"])
 def test_attention_equals_exact_probes(family, positions, tokens):
-    """Rotary (Llama, Mistral, Qwen 2), grouped-query (2 key/value heads for 4), biases (GPT-2,
-    Qwen 2), LayerNorm and RMSNorm before it: the Gram of exact probes at rtol 1e-10."""
+    """Rotary (Llama, Mistral, Qwen 2 and 3), grouped-query (2 key/value heads for 4), biases
+    (GPT-2, Qwen 2), LayerNorm and RMSNorm before it, Qwen 3's RMSNorm of each head's q and k:
+    the Gram of exact probes at rtol 1e-10."""
     model = float64_norms(build(family))
     for layer, previous_output in ((0, False), (1, True)):
         site, target = attention_pair(model, layer, positions, previous_output=previous_output)
@@ -145,10 +146,40 @@ def test_attention_equals_exact_probes(family, positions, tokens):
 
 
 def test_attention_the_closed_form_does_not_cover_is_left_to_backward_passes():
-    """Qwen 3 norms q and k; a GPT-2 layer with cross attention adds it before the MLP."""
-    for model in (build("qwen3"), build("gpt2", add_cross_attention=True)):
+    """A GPT-2 layer with cross attention adds it before the MLP; norms of q and k other than
+    Qwen 3's per-head RMSNorms (a LayerNorm, or a norm of k alone) are not followed."""
+    model = build("gpt2", add_cross_attention=True)
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
+    assert find_sections(model, sites[:1], sites[1]) == {}
+    for change in ("layernorm", "k only"):
+        model = build("qwen3")
+        attn = model.model.layers[0].self_attn
+        if change == "layernorm":
+            attn.q_norm = torch.nn.LayerNorm(4).double()
+        else:
+            del attn.q_norm
         sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
         assert find_sections(model, sites[:1], sites[1]) == {}
+    with pytest.raises(ValueError, match=r"norms of q and k \['LayerNorm', 'Qwen3RMSNorm'\]"):
+        from degen_hooks.families._hf_attention import _qk_norm
+
+        attn.q_norm = torch.nn.LayerNorm(4)
+        _qk_norm(attn, 4)
+
+
+def test_qwen3_attention_whose_norms_round_through_float32(tokens):
+    """transformers' RMSNorm of q and k takes its variance in float32 even in a float64
+    model: the batch is accepted (checked at float32's tolerance) and its Gram is the
+    float64 norms' to float32 rounding."""
+    site, target = attention_pair(build("qwen3"), 1, (None, "last"))
+    readout = readout_for(16)
+    grams = []
+    for model in (build("qwen3"), float64_norms(build("qwen3"))):
+        ((section, _),) = find_sections(model, [site], target).values()
+        gram = section.gram_pass(model, [tokens], site, target, readout, forward=hf.forward,
+                                 progress=False)  # fmt: skip
+        grams.append(gram.second_moment())
+    assert_gram(grams[0], grams[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -210,7 +241,7 @@ def test_attention_in_float32(tokens):
     assert_gram(actual, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_attention_edges_equal_backward_passes(family, tokens):
     """Interaction-graph edges of every pair, attention included, in closed form: the
     backward path's at rtol 1e-10, exact, stochastic and integrated."""

@@ -107,7 +107,7 @@ def test_padded_closed_forms_equal_backward_passes(plain_model, side, rule, posi
     assert_same_edges(closed, backward)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_hugging_face_padded_graphs(family, side):
     """Rotary and grouped-query attention, the norm and MLP, the final norm and

@@ -62,7 +62,7 @@ def assert_closed_build(model, sites, batches, forward, mask) -> None:
 
 
 # -- Hugging Face ---------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("positions", POSITIONS, ids=POSITION_IDS)
 def test_hf_attention_on_padded_batches_equals_exact_probes(family, positions):
     from degen_hooks.families import hf

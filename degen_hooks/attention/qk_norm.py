@@ -17,8 +17,11 @@ position, head), and :func:`pull` applies ``y -> P (gamma * y)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+
+from .._weights import float64_copy
 
 __all__ = ["Frame", "Frames", "QKNorm", "pull"]
 
@@ -97,6 +100,38 @@ class QKNorm:
     eps: float
     raw_q: torch.Tensor | None = None
     raw_k: torch.Tensor | None = None
+
+    @classmethod
+    def of_modules(cls, q_norm: Any, k_norm: Any, d_head: int) -> QKNorm | None:
+        """The norms of a Hugging Face attention layer (``q_norm``, ``k_norm``: RMSNorms of
+        each head's q and k, ``weight * x / sqrt(mean(x^2) + variance_epsilon)`` over
+        ``d_head``, as Qwen 3's), or ``None`` without them.
+
+        Raises:
+            ValueError: For other norms of q or k (one of the two, another kind, another
+                width, different epsilons), named in the message.
+        """
+        norms = [q_norm, k_norm]
+        if norms == [None, None]:
+            return None
+        kinds = [type(norm).__name__ for norm in norms]
+        fits = all(
+            norm is not None
+            and "RMSNorm" in type(norm).__name__
+            and isinstance(getattr(norm, "variance_epsilon", None), float)
+            and isinstance(getattr(norm, "weight", None), torch.Tensor)
+            and tuple(norm.weight.shape) == (d_head,)
+            for norm in norms
+        )
+        if not fits or q_norm.variance_epsilon != k_norm.variance_epsilon:
+            raise ValueError(
+                f"No closed form for the norms of q and k {kinds}: covered are RMSNorms of "
+                f"each head's q and k with one epsilon (weight of shape ({d_head},), as Qwen "
+                "3's). Leave this attention to backward passes (sections=None)."
+            )
+        return cls(
+            float64_copy(q_norm.weight), float64_copy(k_norm.weight), float(q_norm.variance_epsilon)
+        )
 
     def of_batch(self, raw_q: torch.Tensor, raw_k: torch.Tensor) -> QKNorm:
         """The norms with a batch's raw projections."""

@@ -214,7 +214,9 @@ def hf_attention_section(
         if odd or getattr(model.config, "attn_logit_softcapping", None):
             raise ValueError(f"No closed form for attention with {odd or 'soft-capped scores'}.")
         d_head = int(attn.head_dim)
-        qk_norm = _qk_norm(attn, d_head)
+        qk_norm = QKNorm.of_modules(
+            getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), d_head
+        )
         w_q, w_k, w_v = (
             _heads_in(float64_copy(getattr(attn, f"{n}_proj").weight).T, None, d_head)
             for n in "qkv"
@@ -240,39 +242,6 @@ def hf_attention_section(
         previous=layers[index - 1] if index else "", projections=projections,
         mixer=f"{layer_path}.{mixer}", tables=tables, b_o=_bias(out_proj), qk_norm=qk_norm,
     )  # fmt: skip
-
-
-def _qk_norm(attn: nn.Module, d_head: int) -> QKNorm | None:
-    """Qwen 3's RMSNorms of each head's q and k (``weight * x / sqrt(mean(x^2) + eps)`` over
-    ``d_head``), or ``None`` without them.
-
-    Raises:
-        ValueError: For other norms of q or k (one of them, another kind, or another width).
-    """
-    norms = [getattr(attn, name, None) for name in ("q_norm", "k_norm")]
-    if norms == [None, None]:
-        return None
-    kinds = [type(norm).__name__ for norm in norms]
-    fits = all(
-        norm is not None
-        and "RMSNorm" in type(norm).__name__
-        and isinstance(getattr(norm, "variance_epsilon", None), float)
-        and tuple(getattr(norm, "weight", torch.empty(0)).shape) == (d_head,)
-        for norm in norms
-    )
-    if not fits:
-        raise ValueError(
-            f"No closed form for the norms of q and k {kinds}: covered are RMSNorms of each "
-            f"head's q and k (weight of shape ({d_head},), as Qwen 3's)."
-        )
-    q_norm, k_norm = norms
-    if q_norm.variance_epsilon != k_norm.variance_epsilon:  # type: ignore[union-attr]
-        raise ValueError("No closed form for norms of q and k with different epsilons.")
-    return QKNorm(
-        float64_copy(q_norm.weight),  # type: ignore[union-attr]
-        float64_copy(k_norm.weight),  # type: ignore[union-attr]
-        float(q_norm.variance_epsilon),  # type: ignore[union-attr]
-    )
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

@@ -7,8 +7,9 @@ in one forward pass (masks, ALiBi and shortformer position embeddings are in the
 
 Rotary embeddings: a HookedTransformer hooks the rotated vectors (``hook_rot_q``,
 ``hook_rot_k``), which the section reads, checking the positions against the unrotated
-``hook_q``; on a TransformerBridge the section rotates ``hook_q`` and ``hook_k`` itself, by the
-tables :func:`._rotary.bridge_rotary` finds, and checks the model's pattern against them.
+``hook_q`` (with ``use_qk_norm``, both raw projections normed, then checked); on a
+TransformerBridge the section rotates ``hook_q`` and ``hook_k`` itself, by the tables
+:func:`._rotary.bridge_rotary` finds, and checks the model's pattern against them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from torch import nn
 from .._errors import ShapeMismatchError
 from .._weights import float64_copy
 from ..attention import AttentionSection as _Core
+from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary, check_pattern, passed_rotary
 from ..attention.section import heads
 from ..sites import Site, _unwrap
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers
-from ._rotary import bridge_rotary, hf_scale
+from ._rotary import bridge_qk_norm, bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
@@ -74,8 +76,12 @@ def _check_attention(cfg: Any) -> None:
         "use_split_qkv_input / use_attn_in (per-head attention inputs)": bool(
             getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
         ),
-        "use_qk_norm (a norm inside attention)": bool(getattr(cfg, "use_qk_norm", False))
-        or getattr(cfg, "original_architecture", None) in _QK_NORM_ARCHITECTURES,
+        "use_qk_norm without rotary embeddings": bool(getattr(cfg, "use_qk_norm", False))
+        and getattr(cfg, "positional_embedding_type", "standard") != "rotary",
+        "a norm of the whole q and k projections (OLMo 2)": getattr(
+            cfg, "original_architecture", None
+        )
+        in _QK_NORM_ARCHITECTURES,
         f"clip_qkv={getattr(cfg, 'clip_qkv', None)}": getattr(cfg, "clip_qkv", None) is not None,
         "use_logn_attn": bool(getattr(cfg, "use_logn_attn", False)),
         "use_attention_sinks": bool(getattr(cfg, "use_attention_sinks", False)),
@@ -130,6 +136,8 @@ class AttentionSection(_Core):
         reads = {role: Site(name) for role, name in zip("qkvp", self.hooks, strict=True)}
         if self.rotary is not None and not self.rotates:
             reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
+            if self.qk_norm is not None:  # the raw k, before its norm
+                reads["plain_k"] = Site(self.hooks[1].replace("hook_rot_k", "hook_k"))
         for role, name in zip(("cos", "sin"), self.rotary_tables, strict=False):
             reads[role] = Site(name)
         return reads
@@ -149,14 +157,25 @@ class AttentionSection(_Core):
         q, k, v = (heads(reads[role], n_heads, d_head) for role in "qkv")
         pattern = reads["p"].to(torch.float64)
         if not self.rotates:
-            if self.rotary is not None and "plain_q" in reads:
+            section: _Core = self
+            if self.qk_norm is not None:  # norm the raw q and k: both checked below
+                raw = (heads(reads[role], n_heads, d_head) for role in ("plain_q", "plain_k"))
+                section = replace(self, qk_norm=self.qk_norm.of_batch(*raw))
+                frames = section.qk_norm.frames()  # type: ignore[union-attr]
+                self._check_positions(q, frames.q.normalized, mask)
+                self._check_positions(k, frames.k.normalized, mask)
+            elif self.rotary is not None and "plain_q" in reads:
                 self._check_positions(q, reads["plain_q"].to(torch.float64), mask)
-            return self, q, k, v, pattern
+            return section, q, k, v, pattern
         tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
         section = replace(self, rotary=passed_rotary(*tables)) if tables else self
         rotary = section.rotary
         if rotary is None:  # rotates without tables: not built by attention_section
             raise ValueError("A section that rotates q and k needs rotary tables.")
+        if self.qk_norm is not None:  # the bridge hooks the raw projections: norm them
+            section = replace(section, qk_norm=self.qk_norm.of_batch(q, k))
+            frames = section.qk_norm.frames()  # type: ignore[union-attr]
+            q, k = frames.q.normalized, frames.k.normalized
         q, k = rotary.rotate(q), rotary.rotate(k)
         check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
         return section, q, k, v, pattern
@@ -221,14 +240,18 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     Rotary attention is covered on both families: a HookedTransformer's rotary tables, a
     native bridge's fixed ones, or the ``(cos, sin)`` a Hugging Face model passes a bridge's
     attention in each forward pass (see :func:`._rotary.bridge_rotary`). Grouped-query
-    attention repeats each key/value head for its query heads.
+    attention repeats each key/value head for its query heads. RMSNorms of each head's q and
+    k before the rotation (``use_qk_norm``, Qwen 3 on a bridge) are followed: the section
+    norms the raw ``hook_q``/``hook_k`` itself (:mod:`degen_hooks.attention.qk_norm`) and
+    checks them against the rotated hooks or the pattern.
 
     Raises:
-        ValueError: As :func:`attention_section_sites`; for QK norms, soft caps, dynamic NTK
-            tables on a HookedTransformer and other attention the formula does not cover;
-            on a bridge, for rotary it cannot follow exactly (adjacent pairs rotated in
-            float32, a norm or a multiplier between the q/k projection and the rotation,
-            attention sinks, rotation inside a wrapped module that passes no tables).
+        ValueError: As :func:`attention_section_sites`; for QK norms of the whole projection
+            (OLMo 2) or without rotary, soft caps, dynamic NTK tables on a HookedTransformer
+            and other attention the formula does not cover; on a bridge, for rotary it cannot
+            follow exactly (adjacent pairs rotated in float32, a multiplier between the q/k
+            projection and the rotation, norms of q and k after it, attention sinks,
+            rotation inside a wrapped module that passes no tables).
             ``gram_pass`` raises when a batch was rotated at positions other than
             ``0 .. n-1`` (left padding, position_ids, a cache).
     """
@@ -248,9 +271,13 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     rotates = getattr(cfg, "positional_embedding_type", "standard") == "rotary" and not (
         isinstance(getattr(attn, "rotary_cos", None), torch.Tensor)
     )
+    qk_norm = None
     if rotates:  # a TransformerBridge: it rotates hook_q and hook_k, by these tables
         rotary, tables = bridge_rotary(attn, cfg, index)
+        qk_norm = bridge_qk_norm(attn, cfg, index)
     elif getattr(cfg, "positional_embedding_type", "standard") == "rotary":
+        if getattr(cfg, "use_qk_norm", False):  # RMSNorms of each head's q and k
+            qk_norm = QKNorm(float64_copy(attn.q_norm.w), float64_copy(attn.k_norm.w), cfg.eps)
         rotary = Rotary(
             cos=float64_copy(attn.rotary_cos),
             sin=float64_copy(attn.rotary_sin),
@@ -272,4 +299,5 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         rotary=rotary,
         rotates=rotates,
         rotary_tables=tables,
+        qk_norm=qk_norm,
     )

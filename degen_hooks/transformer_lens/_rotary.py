@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._weights import float64_copy
+from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary
 
 
@@ -66,13 +67,10 @@ def bridge_rotary(attn: nn.Module, cfg: Any, index: int) -> tuple[Rotary | None,
     def has(name: str) -> bool:  # the wrapped Hugging Face attention has this feature
         return getattr(original, name, None) is not None
 
-    submodules = set(getattr(attn, "submodules", None) or {})
     unsupported = {
         "adjacent pairs rotated in float32 (rotary_adjacent_pairs, rotary_interleaved_cos_sin)":
             bool(getattr(cfg, "rotary_adjacent_pairs", False))
             or bool(getattr(cfg, "rotary_interleaved_cos_sin", False)),
-        "a norm of q or k before the rotation (q_norm, k_norm)":
-            bool({"q_norm", "k_norm"} & submodules),
         "a key multiplier (key_multiplier)": has("key_multiplier"),
         "a per-position query scale (llama_4_scaling_beta)":
             isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None,
@@ -100,6 +98,41 @@ def bridge_rotary(attn: nn.Module, cfg: Any, index: int) -> tuple[Rotary | None,
             "probes."
         )
     return None, tuple(f"blocks.{index}.attn.{name}" for name in hooks)
+
+
+def bridge_qk_norm(attn: nn.Module, cfg: Any, index: int) -> QKNorm | None:
+    """The norms of each head's q and k before the rotation of a bridge's Hugging Face
+    attention (Qwen 3's ``q_norm``, ``k_norm``), or ``None`` without them.
+
+    The bridge fires ``hook_q``/``hook_k`` on the projections, before the norms; the section
+    norms and rotates them itself, and each batch's pattern is checked against them.
+
+    Raises:
+        ValueError: For norms the closed form does not cover: after the rotation
+            (``qk_norm_after_rope``), of the whole projection (OLMo 2), per-head gains, or
+            other kinds (:meth:`QKNorm.of_modules`).
+    """
+    submodules = set(getattr(attn, "submodules", None) or {})
+    if not {"q_norm", "k_norm"} & submodules:
+        return None
+    original = getattr(attn, "original_component", None)
+    phase = getattr(attn, "_qk_norm_phase", None)
+    odd = {
+        "after the rotation (qk_norm_after_rope)": bool(getattr(cfg, "qk_norm_after_rope", False)),
+        f"phase {phase!r} (not of each head's vector)": phase != "post_reshape",
+        "gains per head": bool(getattr(attn, "_qk_norm_per_head", False)),
+    }
+    bad = [name for name, flag in odd.items() if flag]
+    if bad:
+        raise ValueError(
+            f"Block {index}'s norms of q and k ({type(attn).__name__}) are {', '.join(bad)}: "
+            "the closed form does not cover them. Collect its Jacobians with exact probes "
+            "(leave this section out of sections=)."
+        )
+    d_head = int(getattr(original, "head_dim", cfg.d_head))
+    return QKNorm.of_modules(
+        getattr(original, "q_norm", None), getattr(original, "k_norm", None), d_head
+    )
 
 
 def _native_rotary(module: nn.Module, d_head: int, index: int) -> Rotary:

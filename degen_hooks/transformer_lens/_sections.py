@@ -51,9 +51,9 @@ def find_sections(
       (:func:`~degen_hooks.transformer_lens.unembed_section`).
 
     Every pair but the attention's needs the same positions on both sides (the sections act
-    position by position). A pair the closed forms do not cover (attention with a QK norm,
-    sites of different blocks, ...) is left out: ``build_bases`` runs backward passes
-    there.
+    position by position). A pair the closed forms do not cover (attention with a norm of
+    the whole q and k projections, sites of different blocks, ...) is left out:
+    ``build_bases`` runs backward passes there.
 
     Returns:
         ``{site key: (section, pre-activation site or None)}``, as ``build_bases(sections=)``

@@ -169,6 +169,31 @@ def test_rotary_attention_equals_exact_probes(family, tokens, rotary_dim, adjace
 
 
 @requires_hooked
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
+def test_qk_normed_rotary_attention_equals_exact_probes(tokens, kv_heads):
+    """``use_qk_norm`` (Qwen 3 on a HookedTransformer): each head's q and k RMS-normed before
+    the rotation. The section norms the raw ``hook_q``/``hook_k`` itself and checks both
+    against the rotated hooks."""
+    config = {**toy_config("silu", "RMS"), "use_qk_norm": True, "n_key_value_heads": kv_heads}
+    model = rotary_model("hooked", **config, rotary_adjacent_pairs=False)
+    for block in model.blocks:  # gains other than 1
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            norm.w.data = 1 + 0.3 * torch.randn_like(norm.w)
+    for residual in (True, False):
+        source, target = attention_section_sites(model, 1, residual=residual)
+        section = attention_section(model, 1, residual=residual)
+        assert section.qk_norm is not None and not section.rotates
+        for positions in POSITIONS[:2] + POSITIONS[3:4]:
+            site = dh.Site(source, positions=positions[0])
+            out = dh.Site(target, positions=positions[1])
+            exact = exact_gram(model, tokens, site, out, readout())
+            closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
+            torch.testing.assert_close(
+                closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+            )
+
+
+@requires_hooked
 def test_rotary_with_offset_positions_is_refused(tokens):
     """Left padding makes TransformerLens rotate at shifted positions: refused, not wrong."""
     config = {**toy_config(), "positional_embedding_type": "rotary", "rotary_dim": 4}
@@ -215,6 +240,8 @@ HF_ROTARY = {  # name: (config class, model class, config overrides)
     "neox-partial": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
         rotary_pct=0.5, use_parallel_residual=False
     )),
+    # RMSNorms of each head's q and k before the rotation, grouped-query attention
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=4, num_key_value_heads=2)),
 }  # fmt: skip
 
 
@@ -251,7 +278,7 @@ def hf_bridge(config_class: str, model_class: str, **overrides) -> torch.nn.Modu
         )
 
     for module in model.modules():
-        if type(module).__name__ == "LlamaRMSNorm":
+        if type(module).__name__ in ("LlamaRMSNorm", "Qwen3RMSNorm"):
             module.forward = forward.__get__(module)
     return perturbed(model, 3)
 
@@ -278,6 +305,7 @@ def test_rotary_on_a_hugging_face_bridge_equals_exact_probes(name, float64_softm
         source, target = attention_section_sites(model, 1, residual=residual)
         section = attention_section(model, 1, residual=residual)
         assert section.rotates and section.rotary_tables[0].endswith("attn.hook_cos")
+        assert (section.qk_norm is not None) == (name == "qwen3")
         for positions in POSITIONS[:2]:
             site = dh.Site(source, positions=positions[0])
             out = dh.Site(target, positions=positions[1])
@@ -291,10 +319,12 @@ def test_rotary_on_a_hugging_face_bridge_equals_exact_probes(name, float64_softm
 
 
 def test_rotary_on_a_hugging_face_bridge_refusals(float64_softmax):
-    """A norm between the q/k projection and the rotation (Qwen3): refused with its name.
-    Samples rotated at different positions (per-sample position_ids): the batch is refused."""
+    """Norms of q and k the closed form does not cover (after the rotation): refused with
+    their name. Samples rotated at different positions (per-sample position_ids): the batch
+    is refused."""
     qwen3 = hf_bridge("Qwen3Config", "Qwen3ForCausalLM", head_dim=4)
-    with pytest.raises(ValueError, match=r"q_norm.*exact probes"):
+    qwen3.cfg.qk_norm_after_rope = True
+    with pytest.raises(ValueError, match=r"qk_norm_after_rope.*exact probes"):
         attention_section(qwen3, 0)
     model = hf_bridge(*HF_ROTARY["llama-yarn"][:2])
     tokens = torch.randint(0, D_VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
@@ -370,7 +400,8 @@ def test_unsupported_attention_is_refused():
     for extra, message in (
         ({"use_dynamic_ntk_rope": True}, "use_dynamic_ntk_rope"),
         ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap=30.0"),
-        ({"original_architecture": "Olmo2ForCausalLM"}, "use_qk_norm"),
+        ({"original_architecture": "Olmo2ForCausalLM"}, r"whole q and k projections \(OLMo 2\)"),
+        ({"use_qk_norm": True}, "use_qk_norm without rotary embeddings"),
     ):
         model = config_only({**base, **extra})
         with pytest.raises(ValueError, match=message):

@@ -145,9 +145,11 @@ def test_rotary_attention(family, batches, norm):
         assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
 
 
-def test_rotary_attention_on_a_hugging_face_bridge(float64_softmax):  # noqa: F811
-    """The (cos, sin) a Hugging Face model passes its attention are read in the edges' pass."""
-    config_class, model_class, overrides = HF_ROTARY["llama-yarn"]
+@pytest.mark.parametrize("name", ["llama-yarn", "qwen3"])
+def test_rotary_attention_on_a_hugging_face_bridge(float64_softmax, name):  # noqa: F811
+    """The (cos, sin) a Hugging Face model passes its attention are read in the edges' pass
+    (Qwen 3: its q and k normed per head, and normed again at each integration point)."""
+    config_class, model_class, overrides = HF_ROTARY[name]
     model = hf_bridge(config_class, model_class, **overrides)
     tokens = torch.randint(0, D_VOCAB, (10, 7), generator=torch.Generator().manual_seed(3))
     batches = list(tokens.split(4))
@@ -158,6 +160,21 @@ def test_rotary_attention_on_a_hugging_face_bridge(float64_softmax):  # noqa: F8
     basis = quiet(dh.build_bases, model, sites, batches, output_positions=[1, 3], progress=False)
     for rule in RULES.values():
         graph = quiet(assert_same_graph, model, basis, batches, rule, progress=False)
+        assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
+
+
+@requires_hooked
+def test_qk_normed_rotary_attention(batches):
+    """``use_qk_norm`` on a HookedTransformer: the edges norm the moved q and k again."""
+    config = {**toy_config("silu", "RMS"), "use_qk_norm": True, "n_key_value_heads": 1}
+    model = rotary_model("hooked", **config)
+    sites = [
+        dh.Site("blocks.1.hook_resid_pre"),
+        dh.Site("blocks.1.hook_resid_mid", positions="last"),
+    ]
+    basis = dh.build_bases(model, sites, batches, output_positions="last", progress=False)
+    for rule in RULES.values():
+        graph = assert_same_graph(model, basis, batches, rule, progress=False)
         assert graph.closed_form_ == [(sites[0].key, sites[1].key)]
 
 

@@ -161,10 +161,9 @@ def test_attention_the_closed_form_does_not_cover_is_left_to_backward_passes():
         sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[0])
         assert find_sections(model, sites[:1], sites[1]) == {}
     with pytest.raises(ValueError, match=r"norms of q and k \['LayerNorm', 'Qwen3RMSNorm'\]"):
-        from degen_hooks.families._hf_attention import _qk_norm
+        from degen_hooks.attention.qk_norm import QKNorm
 
-        attn.q_norm = torch.nn.LayerNorm(4)
-        _qk_norm(attn, 4)
+        QKNorm.of_modules(torch.nn.LayerNorm(4), attn.k_norm, 4)
 
 
 def test_qwen3_attention_whose_norms_round_through_float32(tokens):

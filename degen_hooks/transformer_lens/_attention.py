@@ -29,7 +29,7 @@ from ..attention.rotary import Rotary, check_pattern, passed_rotary
 from ..attention.section import heads
 from ..sites import Site, _unwrap
 from ._mlp import _norm_weight
-from ._names import _NORMS, _cfg, _layers
+from ._names import _NORMS, _cfg, _layers, refuse_flagged
 from ._rotary import bridge_qk_norm, bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
@@ -90,12 +90,7 @@ def _check_attention(cfg: Any) -> None:
         ),
         "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
     }
-    bad = [name for name, flag in unsupported.items() if flag]
-    if bad:
-        raise ValueError(
-            f"The attention closed form does not cover {', '.join(bad)}: collect the Jacobians "
-            "with exact probes (leave this section out of sections=)."
-        )
+    refuse_flagged(unsupported, "The attention")
 
 
 @dataclass

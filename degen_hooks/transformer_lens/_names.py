@@ -265,3 +265,18 @@ def _layers(model: nn.Module, layer: int | None) -> list[int]:
             f"(blocks.0 ... blocks.{n_layers - 1})."
         )
     return [layer % n_layers]
+
+
+def refuse_flagged(flags: dict[str, bool], what: str) -> None:
+    """Raise ``ValueError`` naming every flagged feature the closed form does not cover.
+
+    Args:
+        flags: ``{feature: whether the model has it}``.
+        what: What has them, e.g. ``"Block 3's rotary attention (X)"``.
+    """
+    bad = [name for name, flag in flags.items() if flag]
+    if bad:
+        raise ValueError(
+            f"{what} has {', '.join(bad)}: the attention closed form does not cover it. "
+            "Collect its Jacobians with exact probes (leave this section out of sections=)."
+        )

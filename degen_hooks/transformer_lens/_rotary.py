@@ -19,6 +19,7 @@ from torch import nn
 from .._weights import float64_copy
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary
+from ._names import refuse_flagged
 
 
 def hf_scale(attn: nn.Module) -> float:
@@ -81,13 +82,7 @@ def bridge_rotary(attn: nn.Module, cfg: Any, index: int) -> tuple[Rotary | None,
         "layers that skip the rotation (rope_optional)":
             bool(getattr(attn, "rope_optional", False)),
     }  # fmt: skip
-    bad = [name for name, flag in unsupported.items() if flag]
-    if bad:
-        raise ValueError(
-            f"Block {index}'s rotary attention ({type(attn).__name__}) has {', '.join(bad)}: "
-            "the closed form does not cover it. Collect its Jacobians with exact probes (leave "
-            "this section out of sections=)."
-        )
+    refuse_flagged(unsupported, f"Block {index}'s rotary attention ({type(attn).__name__})")
     hooks = ("hook_cos", "hook_sin")
     if not all(isinstance(getattr(attn, name, None), nn.Module) for name in hooks):
         raise ValueError(
@@ -118,17 +113,13 @@ def bridge_qk_norm(attn: nn.Module, cfg: Any, index: int) -> QKNorm | None:
     original = getattr(attn, "original_component", None)
     phase = getattr(attn, "_qk_norm_phase", None)
     odd = {
-        "after the rotation (qk_norm_after_rope)": bool(getattr(cfg, "qk_norm_after_rope", False)),
-        f"phase {phase!r} (not of each head's vector)": phase != "post_reshape",
-        "gains per head": bool(getattr(attn, "_qk_norm_per_head", False)),
+        "norms of q and k after the rotation (qk_norm_after_rope)": bool(
+            getattr(cfg, "qk_norm_after_rope", False)
+        ),
+        f"norms of q and k in phase {phase!r}, not of each head's vector": phase != "post_reshape",
+        "norms of q and k with gains per head": bool(getattr(attn, "_qk_norm_per_head", False)),
     }
-    bad = [name for name, flag in odd.items() if flag]
-    if bad:
-        raise ValueError(
-            f"Block {index}'s norms of q and k ({type(attn).__name__}) are {', '.join(bad)}: "
-            "the closed form does not cover them. Collect its Jacobians with exact probes "
-            "(leave this section out of sections=)."
-        )
+    refuse_flagged(odd, f"Block {index}'s attention ({type(attn).__name__})")
     d_head = int(getattr(original, "head_dim", cfg.d_head))
     return QKNorm.of_modules(
         getattr(original, "q_norm", None), getattr(original, "k_norm", None), d_head

@@ -158,14 +158,19 @@ def test_rotary_attention_equals_exact_probes(family, tokens, rotary_dim, adjace
         assert section.rotary is not None
         assert section.rotates == (family == "bridge")
         assert section.hooks[0].endswith("hook_q" if section.rotates else "hook_rot_q")
-        for positions in POSITIONS[:2] + POSITIONS[3:4]:
-            site = dh.Site(source, positions=positions[0])
-            out = dh.Site(target, positions=positions[1])
-            exact = exact_gram(model, tokens, site, out, readout())
-            closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
-            torch.testing.assert_close(
-                closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
-            )
+        assert_positions_equal_exact_probes(model, tokens, section, source, target)
+
+
+def assert_positions_equal_exact_probes(model, tokens, section, source, target):
+    """The section's Gram equals exact probes at three (input, output) position choices."""
+    for positions in POSITIONS[:2] + POSITIONS[3:4]:
+        site = dh.Site(source, positions=positions[0])
+        out = dh.Site(target, positions=positions[1])
+        exact = exact_gram(model, tokens, site, out, readout())
+        closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
+        torch.testing.assert_close(
+            closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
+        )
 
 
 @requires_hooked
@@ -183,14 +188,7 @@ def test_qk_normed_rotary_attention_equals_exact_probes(tokens, kv_heads):
         source, target = attention_section_sites(model, 1, residual=residual)
         section = attention_section(model, 1, residual=residual)
         assert section.qk_norm is not None and not section.rotates
-        for positions in POSITIONS[:2] + POSITIONS[3:4]:
-            site = dh.Site(source, positions=positions[0])
-            out = dh.Site(target, positions=positions[1])
-            exact = exact_gram(model, tokens, site, out, readout())
-            closed = section.gram_pass(model, [tokens], site, out, readout(), progress=False)
-            torch.testing.assert_close(
-                closed.second_moment(), exact.second_moment(), rtol=RTOL, atol=1e-13
-            )
+        assert_positions_equal_exact_probes(model, tokens, section, source, target)
 
 
 @requires_hooked

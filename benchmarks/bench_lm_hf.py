@@ -6,10 +6,13 @@ same shapes as plain ``transformers`` models, built offline from configs, in flo
 * **GPT-2-small-shaped** ``GPT2LMHeadModel``: ``n_embd=768``, 12 heads, ``n_inner=3072``,
   ``LAYERS`` decoder layers, a 1,000-token vocabulary;
 * **Llama-shaped** ``LlamaForCausalLM``: ``hidden_size=512``, 8 query heads sharing 2
-  key/value heads, rotary embeddings, RMSNorm, SwiGLU of width 1,376.
+  key/value heads, rotary embeddings, RMSNorm, SwiGLU of width 1,376;
+* **Qwen3-shaped** ``Qwen3ForCausalLM``: the Llama shape (``head_dim=64``) with Qwen 3's
+  RMSNorm of each head's q and k before the rotation.
 
-Llama's RMSNorm takes its variance in float32 whatever the dtype; it is computed in float64
-here (as in the tests), so the reference's Grams agree with the closed form to rounding.
+Llama's and Qwen 3's RMSNorms take their variance in float32 whatever the dtype; they are
+computed in float64 here (as in the tests), so the reference's Grams agree with the closed
+form to rounding.
 
 The build is ``dh.build_bases`` at ``resid_pre``, ``resid_mid`` and ``mlp_hidden`` of every
 layer plus the last ``resid_post`` (``hf.decoder_sites``), the logits after it:
@@ -54,7 +57,7 @@ from degen_hooks.families import hf  # noqa: E402
 
 F64 = torch.float64
 D_VOCAB = 1000
-LAYERS = {"GPT-2-small-shaped": 4, "Llama-shaped": 2}
+LAYERS = {"GPT-2-small-shaped": 4, "Llama-shaped": 2, "Qwen3-shaped": 2}
 BUILD_SEQUENCES = 128  # of 8 tokens: 1,024 tokens
 LONG_CONTEXT = 128
 REFERENCE_FEATURES = 127
@@ -84,6 +87,23 @@ def llama_shaped(n_layers: int, d_vocab: int = D_VOCAB, width: int = 512) -> nn.
     )  # fmt: skip
     torch.manual_seed(0)
     return float64_norms(LlamaForCausalLM(config).double().eval())
+
+
+def qwen3_shaped(n_layers: int, d_vocab: int = D_VOCAB, width: int = 512) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=width, intermediate_size=width * 43 // 16, num_hidden_layers=n_layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=width // 8, vocab_size=d_vocab,
+        max_position_embeddings=LONG_CONTEXT, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).double().eval()
+    with torch.no_grad():  # gains other than 1 for the norms of q and k
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    return float64_norms(model)
 
 
 def float64_norms(model: nn.Module) -> nn.Module:
@@ -222,7 +242,12 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
     context, n_features = (16, 8) if quick else (LONG_CONTEXT, REFERENCE_FEATURES)
     long = [torch.randint(0, d_vocab, (1, context), generator=gen)]
     rows: list[dict[str, Any]] = []
-    for name, shaped in (("GPT-2-small-shaped", gpt2_shaped), ("Llama-shaped", llama_shaped)):
+    shapes = (
+        ("GPT-2-small-shaped", gpt2_shaped),
+        ("Llama-shaped", llama_shaped),
+        ("Qwen3-shaped", qwen3_shaped),
+    )
+    for name, shaped in shapes:
         depth = 1 if quick else LAYERS[name]
         model = shaped(depth, d_vocab, 64) if quick else shaped(depth, d_vocab)
         built, basis = bench_build(f"{name} (transformers)", model, batches, build, depth)

@@ -104,18 +104,9 @@ class AttentionEdges:
                 written = src.part(part).write(act[part], alpha * f[part])
                 rewritten = src.site.features_last(written).to(f64)
                 rows = None if self.norm is not None else outputs  # the direct sums' rows
-                out.append(
-                    section._moved(
-                        rewritten,
-                        x[part],
-                        q[part],
-                        k[part],
-                        v[part],
-                        pattern[part],
-                        rows,
-                        None if raw is None else (raw[0][part], raw[1][part]),
-                    )  # fmt: skip
-                )
+                raw_part = None if raw is None else (raw[0][part], raw[1][part])
+                layer = (x[part], q[part], k[part], v[part], pattern[part], rows, raw_part)
+                out.append(section._moved(rewritten, *layer))
             return out
 
         edges = section._edge_sums(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .qk_norm import Frames
+from .qk_norm import Frame, Frames
 from .qk_norm import pull as _qk_pull
 from .rotary import Rotary
 
@@ -109,7 +109,7 @@ class RotaryBatch:
     # The blocks' zo_gp (b, g, P, r) and sum_j c_hgpj M_j^T q_gp (b, h, g, P, e), multiplied
     # once per sample chunk (a product over every output position).
     means: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    norm_k: Any = None  # with norms of q and k: the k frame at the inputs (b, K, h, .)
+    norm_k: Frame | None = None  # with norms of q and k: the k frame at the inputs (b, K, h, .)
 
     @classmethod
     def of(cls, layer: Any, v: torch.Tensor, inputs: torch.Tensor,

@@ -21,7 +21,8 @@ consecutive sites of one decoder layer (and from the last layer to the logits),
 
 Covered: GPT-2 (LayerNorm, ``Conv1D`` projections) and the Llama layout with separate gate
 and up projections (Llama, Mistral, Qwen 2 and 3: RMSNorm, SwiGLU, no MLP projection biases;
-rotary, grouped-query attention; Qwen 3's RMSNorms of each head's q and k). Llama-style
+rotary, grouped-query attention; Qwen 3's RMSNorms of each head's q and k; Gemma: GeGLU, and
+RMSNorms that scale by ``1 + weight``). Llama-style
 RMSNorm takes its variance in float32 whatever the model's dtype, so on a float64 model these
 closed forms (float64 throughout) differ from the model's own Jacobian at float32 rounding
 (about 1e-7 relative). Sharded weights (FSDP2) are gathered whole.
@@ -45,7 +46,9 @@ from .hf import _LAYOUTS, decoder_layers
 __all__ = ["find_sections"]
 
 F64 = torch.float64
-_LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+# RMSNorms that scale by (1 + weight), not weight (Gemma's; its weight starts at zero)
+_OFFSET_GAINS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 _ATTENTION_NORM = {"gpt2": "ln_1", **dict.fromkeys(_LLAMA_TYPES, "input_layernorm")}
 _FINAL = {
     "gpt2": ("transformer.ln_f", "lm_head"),
@@ -180,6 +183,8 @@ def _norm(module: nn.Module) -> tuple[str, torch.Tensor | None, torch.Tensor | N
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if eps is None:
             raise ValueError(f"{type(module).__name__} keeps no epsilon.")
+        if gain is not None and type(module).__name__ in _OFFSET_GAINS:
+            gain = 1 + gain
         return "RMS", gain, None, float(eps)
     raise ValueError(f"No closed form for the norm {type(module).__name__}.")
 

@@ -20,7 +20,7 @@ from .test_hf import build
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 F64 = torch.float64
-COVERED = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+COVERED = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"]
 
 
 def float64_norms(model):
@@ -33,8 +33,13 @@ def float64_norms(model):
             x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         )
 
+    def gemma(self, x):  # Gemma scales by 1 + weight
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
     for module in model.modules():
-        if "RMSNorm" in type(module).__name__:
+        if type(module).__name__ == "GemmaRMSNorm":
+            module.forward = gemma.__get__(module)
+        elif "RMSNorm" in type(module).__name__:
             module.forward = forward.__get__(module)
     return model
 
@@ -96,7 +101,7 @@ def test_uncovered_layers_are_left_to_backward_passes():
     assert find_sections(gpt2, crossing[:1], crossing[1]) == {}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma"])
 def test_auto_build_equals_backward_passes(family, tokens):
     model = float64_norms(build(family))
     sites = hf.decoder_sites(model, ["resid_pre", "resid_mid", "mlp_hidden", "resid_post"])
@@ -112,7 +117,7 @@ def test_auto_build_equals_backward_passes(family, tokens):
 
 
 # -- attention ------------------------------------------------------------------------------
-ATTENTION = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]  # qwen3: q and k normed per head
+ATTENTION = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"]  # qwen3: q and k normed
 # (resid_pre, resid_mid) positions
 ATTENTION_POSITIONS = [(None, None), (None, "last"), ([0, 2], [1, 3]), ("last", None)]
 
@@ -227,10 +232,11 @@ def test_rotary_attention_at_shifted_positions(tokens):
     assert_gram(gram.second_moment(), expected)
 
 
-def test_attention_in_float32(tokens):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_in_float32(tokens, family):
     """A float32 model passes the check (its own rounding) and gives the float64 Gram to
     float32 precision."""
-    model = build("llama")
+    model = build(family)
     site, target = attention_pair(model, 1, (None, None))
     ((section, _),) = find_sections(model, [site], target).values()
     run = {"forward": hf.forward, "progress": False}

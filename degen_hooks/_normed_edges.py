@@ -25,8 +25,14 @@ class NormedEdges:
     positionwise: ClassVar[bool] = True  # graph pairs need the same positions on both sides
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
-        """What :meth:`edge_batch` reads in the graph's forward pass: the section's input."""
-        return {"x": site}
+        """What :meth:`edge_batch` (and ``gram_pass``) read in one forward pass: the
+        section's input ``"x"``, and the model's hidden activation ``"h"`` at the same
+        positions when the section checks it (``hidden``)."""
+        hidden: Site | None = getattr(self, "hidden", None)
+        if hidden is None:
+            return {"x": site}
+        at = Site(hidden.name, hidden.io, site.positions, arg=hidden.arg, call=hidden.call)
+        return {"x": site, "h": at}
 
     def edge_batch(
         self,
@@ -65,6 +71,10 @@ class NormedEdges:
 
         f64 = torch.float64
         act = reads["x"]
+        if "h" in reads:  # the model's hidden activation must be the section's
+            rows = src.site.rows(act, src.padding)
+            hidden = self.edge_reads(src.site, None)["h"]
+            self.check_hidden(rows, hidden.rows(reads["h"], src.padding), src.key)  # type: ignore[attr-defined]
         features = src.features(act)  # (n, K, r)
         n, n_pos, r = features.shape
         device = features.device

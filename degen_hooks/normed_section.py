@@ -36,8 +36,10 @@ E[N N^T/s^2] + transpose)/d + E[(N^T L N/s^2) N N^T]/d^2``.
 
 The statistics need the read-out ``Q``, known only once the next site's basis is built, so
 the section runs a forward pass of its own (:meth:`NormedMLPSection.gram_pass`, the protocol
-of the attention section), reading only the section's input and stopping the forward pass
-there.
+of the attention section), reading the section's input and stopping the forward pass there
+or, when the family names it (``hidden``), at the MLP's hidden activation, which each batch
+checks against the section's: a hook of the user's that changes the MLP is refused, never
+silently left out.
 """
 
 from __future__ import annotations
@@ -96,6 +98,12 @@ class NormedMLPSection(NormedEdges):
         eps: The norm's epsilon.
         residual: ``True`` for ``y = x + MLP(n(x))`` (needs ``d_out == d_in``).
         gated: ``h = sigma(gate) * up``.
+        hidden: The site of the model's hidden activation ``h`` (the output projection's
+            input), or ``None``. Each batch then checks it against the section's ``h (+
+            hidden_bias)`` at the rows read, and refuses a batch where the model computes
+            another one (a hook of the user's, a layer the section does not describe).
+        hidden_bias: What the model adds to ``h`` before ``hidden`` (a constant, which the
+            Jacobian does not see), or ``None``.
 
     Examples:
         The Gram equals exact backward probes (here a pre-norm residual block):
@@ -130,6 +138,8 @@ class NormedMLPSection(NormedEdges):
     eps: float = 1e-5
     residual: bool = False
     gated: bool = False
+    hidden: Site | None = None
+    hidden_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in _NORM_KINDS:
@@ -223,14 +233,58 @@ class NormedMLPSection(NormedEdges):
                 "read different positions: give both sites the same positions."
             )
         moments = _Moments(self, readout)
-        reader = SiteReader(model, {"x": site}, forward, what="The norm and MLP section")
-        resolved = reader.resolved["x"][0]
+        reads = self.edge_reads(site, target)
+        reader = SiteReader(model, reads, forward, what="The norm and MLP section")
+        resolved = {role: found[0] for role, found in reader.resolved.items()}
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         desc = f"jacobians {site.key} (closed form)"
         for batch in tqdm(data, desc=desc, total=total, disable=not progress, leave=False):
-            captured, _, _ = reader(batch)  # stops once the input is read
-            moments.update(resolved.rows(captured["x"], None if mask is None else mask(batch)))
+            captured, _, _ = reader(batch)  # stops once the input (and h) are read
+            padding = None if mask is None else mask(batch)
+            rows = resolved["x"].rows(captured["x"], padding)
+            if "h" in captured:
+                self.check_hidden(rows, resolved["h"].rows(captured["h"], padding), site.key)
+            moments.update(rows)
         return SecondMoment.from_matrix(moments.gram(), moments.n)
+
+    def check_hidden(self, x: torch.Tensor, h: torch.Tensor, where: str) -> None:
+        """Refuse rows whose hidden activation ``h`` (the model's, at :attr:`hidden`) is not
+        the section's for the input rows ``x`` (compared at the tolerance of ``h``'s dtype;
+        transformers' RMSNorms take their variance in float32 whatever the dtype).
+
+        Raises:
+            ValueError: If they differ by more than rounding.
+        """
+        if not len(x):
+            return
+        f64 = torch.float64
+        w_in = self.w_in.to(x.device, f64)
+        z = self.normed(x.to(f64))[0] @ w_in.T
+        if self.bias is not None:
+            z = z + self.bias.to(z)
+        name = self.activation.lower()
+        if self.gated:
+            gate, up = z.chunk(2, dim=-1)
+            expected = _ACTIVATIONS[name](gate) * up
+        else:
+            expected = _ACTIVATIONS[name](z) if name in _ACTIVATIONS else None
+        if expected is None:  # no values for this activation: nothing to compare
+            return
+        if self.hidden_bias is not None:
+            expected = expected + self.hidden_bias.to(expected)
+        bits = torch.finfo(h.dtype).bits if h.dtype.is_floating_point else 64
+        size = max(float(expected.abs().max()), 1e-30)
+        tolerance = {64: 1e-6, 32: 1e-4}.get(bits, 3e-2) * size
+        error = float((expected - h.to(f64)).abs().max())
+        if not error <= tolerance:
+            raise ValueError(
+                f"The MLP after {where!r} computes a hidden activation at {self.hidden.key!r} "  # type: ignore[union-attr]
+                f"that differs from the closed form's by {error:.3g} (scale {size:.3g}, "
+                f"tolerance {tolerance:.2g}): a hook (steering, ablation, patching) or a "
+                "layer the section does not describe changes it, and the section's weights "
+                "would give the unhooked model's Jacobians. Remove the hook, or leave this "
+                "pair to backward passes (sections=None), which follow it."
+            )
 
     # -- per-row quantities -----------------------------------------------------------------
     def normed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

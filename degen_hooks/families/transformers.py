@@ -154,9 +154,9 @@ def _section(
         return MLPSection(torch.eye(width, dtype=F64), torch.eye(width, dtype=F64), "identity")
     layer = model.get_submodule(layers[index])
     if (kind, to[1]) == ("resid_mid", "resid_post"):
-        return _block(model, model_type, layer, layout, "resid_post")
+        return _block(model, model_type, layers[index], layout, "resid_post")
     if (kind, to[1]) == ("resid_mid", "mlp_hidden"):
-        return _block(model, model_type, layer, layout, "hidden")
+        return _block(model, model_type, layers[index], layout, "hidden")
     if (kind, to[1]) == ("mlp_hidden", "resid_post"):
         w_out = _projection(layer.get_submodule(layout.down))[0]
         return MLPSection(torch.eye(w_out.shape[1], dtype=F64), w_out, "identity")
@@ -196,9 +196,8 @@ def _activation(model: nn.Module) -> str:
     return str(name)
 
 
-def _block(
-    model: nn.Module, model_type: str, layer: nn.Module, layout: Any, to: str
-) -> NormedMLPSection:
+def _block(model: nn.Module, model_type: str, path: str, layout: Any, to: str) -> NormedMLPSection:
+    layer = model.get_submodule(path)
     kind, gain, beta, eps = _norm(layer.get_submodule(layout.mlp_norm))
     mlp = layer.get_submodule(layout.mlp)
     if model_type == "gpt2":
@@ -209,6 +208,7 @@ def _block(
         if b_gate is not None or b_up is not None:
             raise ValueError("The gated closed form takes projections without biases.")
         w_in, bias, gated = torch.cat([w_gate, w_up]), None, True
+    hidden = Site(f"{path}.{layout.down}", io="input")  # checked against the section's
     w_out = _projection(layer.get_submodule(layout.down))[0]
     if to == "hidden":
         w_out = torch.eye(w_out.shape[1], dtype=F64) if gated else None
@@ -219,7 +219,7 @@ def _block(
         w_in = w_in * gain[None, :]
     return NormedMLPSection(
         w_in, w_out, bias=bias, activation=_activation(model), norm=kind, eps=eps,
-        residual=to == "resid_post", gated=gated,
+        residual=to == "resid_post", gated=gated, hidden=hidden,
     )  # fmt: skip
 
 

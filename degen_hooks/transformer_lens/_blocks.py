@@ -23,7 +23,7 @@ from torch import nn
 from .._weights import float64_copy
 from ..closed_form import MLPSection
 from ..normed_section import NormedMLPSection
-from ..sites import _unwrap
+from ..sites import Site, _unwrap
 from ._mlp import _check_mlp, _norm_weight, elementwise_activation, norm_gain
 from ._names import _NORMS, _cfg, _layers
 
@@ -101,9 +101,12 @@ def block_mlp_section(model: nn.Module, layer: int, *, output: str) -> NormedMLP
         w_in, bias = w_up, _tensor(mlp, "b_in")
         bias = torch.zeros(w_up.shape[0], dtype=F64) if bias is None else bias
     w_out = float64_copy(mlp.W_out).T  # (d_model, d_mlp)
+    # The model's h, checked each batch: hook_post is act(gate) * up + b_in when gated.
+    hidden, hidden_bias = f"blocks.{index}.mlp.hook_post", _tensor(mlp, "b_in") if gated else None
     if output == "hook_pre":  # the gate's pre-activations of a gated MLP
         rows = slice(0, w_up.shape[0])
         w_in, bias, w_out, activation, gated = w_in[rows], bias[rows], None, "identity", False
+        hidden, hidden_bias = f"blocks.{index}.mlp.hook_pre", None
     elif output == "hook_post":
         w_out = torch.eye(w_up.shape[0], dtype=F64) if gated else None
     beta = _norm_bias(block.ln2, cfg)
@@ -121,6 +124,8 @@ def block_mlp_section(model: nn.Module, layer: int, *, output: str) -> NormedMLP
         eps=float(getattr(cfg, "eps", 1e-5)),
         residual=output == "hook_resid_post",
         gated=gated,
+        hidden=Site(hidden),
+        hidden_bias=hidden_bias,
     )
 
 

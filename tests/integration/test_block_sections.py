@@ -245,3 +245,22 @@ def test_grouped_query_attention_edges_equal_backward_passes(family, tokens):
         torch.testing.assert_close(
             closed.edges_[pair], expected, rtol=1e-10, atol=1e-14 * float(expected.max())
         )
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, architecture, tokens):
+    """A hook on ``mlp.hook_post`` (steering, ablation) makes the model differ from the
+    section's weights: the Gram pass refuses the batch instead of returning the unhooked
+    model's Jacobians; without the hook the check passes (hook_post is the section's h, plus
+    b_in after a gated product)."""
+    model = build(family, architecture)
+    section = block_mlp_section(model, 1, output="hook_resid_post")
+    site, target = dh.Site("blocks.1.hook_resid_mid"), dh.Site("blocks.1.hook_resid_post")
+    gram(section, model, tokens, site, target, None)  # unhooked: accepted
+    model.add_hook("blocks.1.mlp.hook_post", lambda act, hook: act * 1.5)
+    try:
+        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
+            gram(section, model, tokens, site, target, None)
+    finally:
+        model.reset_hooks()

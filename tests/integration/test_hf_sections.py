@@ -354,3 +354,29 @@ def test_closed_forms_on_two_fsdp2_ranks(tmp_path):
                                        atol=1e-9 * scale)  # fmt: skip
             torch.testing.assert_close(got[f"projector/{key}"], want.projector(key), rtol=0,
                                        atol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, tokens):
+    """A hook of the user's (steering, ablation) that changes the MLP's hidden activation
+    makes the model differ from the section's weights: the Gram pass and the edges refuse
+    the batch instead of returning the unhooked model's Jacobians."""
+    from degen_hooks.graph import InteractionGraph
+
+    model = float64_norms(build(family))
+    sites = hf.decoder_sites(model, ["resid_mid", "resid_post"], layers=[1], positions="last")
+    section, _ = find_sections(model, sites)[sites[0].key]
+    run = {"forward": hf.forward, "progress": False}
+    basis = dh.build_bases(model, sites, [tokens], **run)  # unhooked: fine
+    down = "mlp.c_proj" if family == "gpt2" else "mlp.down_proj"
+    layer = model.get_submodule(hf.decoder_layers(model)[1])
+    handle = layer.get_submodule(down).register_forward_pre_hook(lambda m, a: (a[0] * 1.5,))
+    try:
+        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
+            section.gram_pass(model, [tokens], sites[0], sites[1], **run)
+        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
+            InteractionGraph().fit(model, basis, [tokens], **run)
+        graph = InteractionGraph().fit(model, basis, [tokens], sections=None, **run)
+        assert graph.closed_form_ == []  # backward passes follow the hook
+    finally:
+        handle.remove()

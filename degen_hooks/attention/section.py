@@ -60,7 +60,7 @@ from ._gram import accumulate
 from .qk_norm import Frames, QKNorm
 from .rotary import Rotary
 
-__all__ = ["AttentionSection", "heads"]
+__all__ = ["AttentionSection", "check_read", "heads"]
 
 
 def heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
@@ -75,6 +75,40 @@ def heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
     if act.shape[2] != n_heads:
         act = act.repeat_interleave(n_heads // act.shape[2], dim=2)
     return act
+
+
+def check_read(
+    what: str,
+    expected: torch.Tensor,
+    got: torch.Tensor,
+    at: str,
+    hint: str,
+    *,
+    size: float | None = None,
+    float32_norms: bool = False,
+) -> None:
+    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``.
+
+    Compared relative to ``size`` (default: the largest ``expected``) at the tolerance of
+    ``got``'s dtype (float32's for a float64 model whose ``float32_norms`` round through
+    float32).
+
+    Raises:
+        ValueError: If they differ by more than rounding, with ``hint`` (what to do).
+    """
+    if expected.numel() == 0:  # a batch of padding only
+        return
+    if size is None:
+        size = float(expected.abs().max())
+    error = float((expected - got.to(torch.float64)).abs().max())
+    bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
+    bits = min(bits, 32) if float32_norms else bits
+    tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
+    if not error <= tolerance:
+        raise ValueError(
+            f"The attention of {at!r} differs from the closed form's: its {what} by {error:.3g} "
+            f"(scale {size:.3g}, tolerance {tolerance:.2g}): {hint}"
+        )
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .._weights import float64_copy
 from ..attention import AttentionSection
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import passed_rotary
-from ..attention.section import heads
+from ..attention.section import check_read, heads
 from ..sites import Site
 
 __all__ = ["HFAttentionSection", "hf_attention_section"]
@@ -46,8 +46,9 @@ _HINT = (
     "the closed form recomputes the causal pattern softmax(q k^T / scale) in float64, with "
     "the keys of padding masked as mask= says. With padding, pass build_bases(mask=...) (or "
     "gram_pass(mask=...)) the attention_mask the model gets, e.g. mask=hf.mask; run batches "
-    "without per-row position_ids or cache, with the model in eval mode; otherwise leave this "
-    "pair to backward passes (sections=None)."
+    "without per-row position_ids or cache, with the model in eval mode, and no hook that "
+    "changes the heads' outputs or the output projection (a head ablation, a patch); "
+    "otherwise leave this pair to backward passes (sections=None), which follow such hooks."
 )
 
 
@@ -135,39 +136,14 @@ class HFAttentionSection(AttentionSection):
         size = float(v.abs().max())
         # transformers' RMSNorm of q and k takes its variance in float32 whatever the dtype
         loose = self.qk_norm is not None
-        _check("heads' outputs", z.flatten(2)[real], reads["z"][real], size, self.source, loose)
+        check = {"at": self.source, "hint": _HINT, "float32_norms": loose}
+        check_read("heads' outputs", z.flatten(2)[real], reads["z"][real], size=size, **check)
         x = reads["x"].to(F64)
         y = x + torch.einsum("bqhe,hed->bqd", z, self.w_o.to(x.device))
         if self.b_o is not None:
             y += self.b_o.to(x.device)
-        _check("output", y[real], reads["y"][real], None, self.source, loose)
+        check_read("output", y[real], reads["y"][real], **check)
         return section, q, k, v, pattern
-
-
-def _check(
-    what: str,
-    expected: torch.Tensor,
-    got: torch.Tensor,
-    size: float | None,
-    at: str,
-    float32_norms: bool = False,
-) -> None:
-    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``
-    (compared relative to ``size``, by default the largest ``expected``; a float64 model whose
-    ``float32_norms`` round through float32 to float32's tolerance)."""
-    if expected.numel() == 0:  # a batch of padding only
-        return
-    if size is None:
-        size = float(expected.abs().max())
-    error = float((expected - got.to(F64)).abs().max())
-    bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
-    bits = min(bits, 32) if float32_norms else bits
-    tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
-    if not error <= tolerance:
-        raise ValueError(
-            f"The attention of {at!r} differs from the closed form's: its {what} by {error:.3g} "
-            f"(scale {size:.3g}, tolerance {tolerance:.2g}): {_HINT}"
-        )
 
 
 def hf_attention_section(

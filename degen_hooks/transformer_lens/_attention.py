@@ -26,13 +26,18 @@ from .._weights import float64_copy
 from ..attention import AttentionSection as _Core
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary, check_pattern, passed_rotary
-from ..attention.section import heads
+from ..attention.section import check_read, heads
 from ..sites import Site, _unwrap
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, refuse_flagged
 from ._rotary import bridge_qk_norm, bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
+_HOOK_HINT = (
+    "a hook changes the heads' outputs (hook_z: a head ablation) or the attention's output "
+    "(hook_attn_out, hook_result: a patch), which the closed form's W_O would leave out. "
+    "Remove the hook, or leave this pair to backward passes (sections=None), which follow it."
+)
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -109,11 +114,16 @@ class AttentionSection(_Core):
             rotates them by ``rotary`` and checks the model's pattern against them.
         rotary_tables: The hooks of the ``(cos, sin)`` tables a Hugging Face model passes the
             layer (a bridge): each forward pass's tables make that batch's ``rotary``.
+        b_o: The output bias ``(d_out,)``, or ``None``: each batch checks the heads' outputs
+            (``hook_z``) and the section's output against the pattern, v and ``W_O`` the
+            closed form uses, so a hook that changes them (a head ablation, a patch) is
+            refused rather than left out.
     """
 
     hooks: tuple[str, ...] = _HOOKS
     rotates: bool = False
     rotary_tables: tuple[str, ...] = ()
+    b_o: torch.Tensor | None = None
 
     def _check_sites(self, site: Site, target: Site | None) -> None:
         names = tuple(None if s is None else _hook_name(s.name) for s in (site, target))
@@ -129,6 +139,8 @@ class AttentionSection(_Core):
         embeddings the unrotated q (to check the positions), and the rotary tables a bridge's
         Hugging Face attention is passed."""
         reads = {role: Site(name) for role, name in zip("qkvp", self.hooks, strict=True)}
+        reads["z"] = Site(f"{self.hooks[0].rsplit('.', 1)[0]}.hook_z")  # checked, as the output
+        reads["y"] = Site(self.target, label=f"{self.target}:section output")
         if self.rotary is not None and not self.rotates:
             reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
             if self.qk_norm is not None:  # the raw k, before its norm
@@ -161,6 +173,7 @@ class AttentionSection(_Core):
                 self._check_positions(k, frames.k.normalized, mask)
             elif self.rotary is not None and "plain_q" in reads:
                 self._check_positions(q, reads["plain_q"].to(torch.float64), mask)
+            self._check_heads(reads, v, pattern, mask)
             return section, q, k, v, pattern
         tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
         section = replace(self, rotary=passed_rotary(*tables)) if tables else self
@@ -173,7 +186,29 @@ class AttentionSection(_Core):
             q, k = frames.q.normalized, frames.k.normalized
         q, k = rotary.rotate(q), rotary.rotate(k)
         check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
+        self._check_heads(reads, v, pattern, mask)
         return section, q, k, v, pattern
+
+    def _check_heads(
+        self,
+        reads: dict[str, torch.Tensor],
+        v: torch.Tensor,
+        pattern: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        """Refuse a batch whose heads' outputs (``hook_z``) or section output are not
+        ``pattern @ v`` and ``[x +] z W_O + b_O`` at the real tokens: a hook changed them."""
+        real = slice(None) if mask is None else mask.to(v.device)
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        check = {"at": self.source, "hint": _HOOK_HINT}
+        got = reads["z"].reshape(z.shape)
+        check_read("heads' outputs", z[real], got[real], size=float(v.abs().max()), **check)
+        y = torch.einsum("bqhe,hed->bqd", z, self.w_o.to(z.device))
+        if self.residual:
+            y = y + reads["x"].to(y.dtype)
+        if self.b_o is not None:
+            y = y + self.b_o.to(y.device)
+        check_read("output", y[real], reads["y"][real], **check)
 
     def _check_positions(
         self, rotated: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor | None
@@ -295,4 +330,11 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         rotates=rotates,
         rotary_tables=tables,
         qk_norm=qk_norm,
+        b_o=_bias(attn),
     )
+
+
+def _bias(attn: nn.Module) -> torch.Tensor | None:
+    """The attention's output bias ``b_O``, float64, or ``None``."""
+    b_o = getattr(attn, "b_O", None)
+    return float64_copy(b_o) if isinstance(b_o, torch.Tensor) else None

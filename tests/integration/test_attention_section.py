@@ -380,6 +380,31 @@ def test_model_untouched_and_hooks_removed(plain_model, tokens):
         assert torch.equal(model(tokens), expected)
 
 
+@pytest.mark.parametrize("hook", ["attn.hook_z", "hook_attn_out"])
+def test_a_hook_that_changes_the_heads_is_refused_not_ignored(plain_model, tokens, hook):
+    """A head ablation at ``hook_z`` or a patch of ``hook_attn_out`` makes the model differ
+    from the section's W_O: the Gram pass refuses the batch instead of returning the
+    unhooked model's Jacobians (the pattern, q, k and v it reads are the model's own)."""
+    model = plain_model
+    section = attention_section(model, 0)
+    site, out = (dh.Site(name) for name in attention_section_sites(model, 0))
+    section.gram_pass(model, [tokens], site, out, progress=False)  # unhooked: accepted
+
+    def ablate(act, hook):  # zero head 1 (hook_z) or scale the output
+        if act.ndim == 4:
+            act = act.clone()
+            act[:, :, 1] = 0
+            return act
+        return act * (1 + act.detach().abs().mean())
+
+    model.add_hook(f"blocks.0.{hook}", ablate)
+    try:
+        with pytest.raises(ValueError, match=r"differs from the closed form.*hook"):
+            section.gram_pass(model, [tokens], site, out, progress=False)
+    finally:
+        model.reset_hooks()
+
+
 def test_errors(plain_model, tokens):
     section = attention_section(plain_model, 0)
     site, out = (dh.Site(name) for name in attention_section_sites(plain_model, 0))

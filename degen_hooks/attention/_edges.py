@@ -79,8 +79,8 @@ class AttentionEdges:
         x = src.site.features_last(act).to(f64)  # (b, pos, d_in)
         f = src.features(act)  # (b, K, r)
         device = f.device
-        section, q, k, v, pattern = self._read(reads, src.padding)  # type: ignore[attr-defined]
         inputs, outputs = src.positions_of(act), dst.positions_of(act)
+        section, q, k, v, pattern = self._read(reads, src.padding, outputs)  # type: ignore[attr-defined]
         d_out = self.w_o.shape[2]
         readout = dst.rotation
         readout = torch.eye(d_out, dtype=f64) if readout is None else readout.detach().to(f64)

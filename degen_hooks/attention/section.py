@@ -163,12 +163,16 @@ class AttentionSection(AttentionEdges):
         raise NotImplementedError
 
     def _read(
-        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        reads: dict[str, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> tuple[AttentionSection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(section, q, k, v, pattern)`` of one batch from its reads, float64: q and k as
         the scores are made of them, ``section`` with the batch's rotary tables. ``mask``:
         the batch's ``(b, pos)`` padding mask (a family that recomputes the pattern masks
-        those keys), or ``None``."""
+        those keys), or ``None``; ``outputs``: the output positions the batch probes (a
+        family may check its reads there only), ``None`` for all."""
         raise NotImplementedError
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
@@ -379,12 +383,13 @@ class AttentionSection(AttentionEdges):
     ) -> None:
         if mask is not None:
             mask = padding_mask(mask, captured["x"], site.key)
-        section, q, k, v, pattern = self._read(captured, mask)
-        x = site.features_last(captured["x"]).to(torch.float64) if self.norm is not None else None
-        n_pos = v.shape[1]
-        inputs, input_weights = position_weights(site.positions, n_pos, mask, q.device, site.key)
-        index, probes = position_weights(target.positions, n_pos, mask, q.device, target.key)
+        act = site.features_last(captured["x"])
+        n_pos, device = act.shape[1], act.device
+        inputs, input_weights = position_weights(site.positions, n_pos, mask, device, site.key)
+        index, probes = position_weights(target.positions, n_pos, mask, device, target.key)
         outputs, inverse = index.unique(return_inverse=True)  # each probed w_bp times
+        section, q, k, v, pattern = self._read(captured, mask, outputs)
+        x = act.to(torch.float64) if self.norm is not None else None
         weights = probes.new_zeros(len(probes), len(outputs)).index_add_(1, inverse, probes)
         if mask is None:  # the same for every sequence: (P,)
             weights = weights[0]

@@ -103,7 +103,10 @@ class HFAttentionSection(AttentionSection):
         return reads
 
     def _read(
-        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        reads: dict[str, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> tuple[AttentionSection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's section and float64 q, k, v and recomputed pattern (the keys of
         padding masked), checked against the heads' outputs the model computed at the real

@@ -150,7 +150,10 @@ class AttentionSection(_Core):
         return reads
 
     def _read(
-        self, reads: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        reads: dict[str, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> tuple[_Core, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's section and float64 q, k, v and pattern (the model's own pattern,
         padding masked as its ``attention_mask`` says; ``mask`` names the real tokens whose
@@ -173,7 +176,7 @@ class AttentionSection(_Core):
                 self._check_positions(k, frames.k.normalized, mask)
             elif self.rotary is not None and "plain_q" in reads:
                 self._check_positions(q, reads["plain_q"].to(torch.float64), mask)
-            self._check_heads(reads, v, pattern, mask)
+            self._check_heads(reads, v, pattern, mask, outputs)
             return section, q, k, v, pattern
         tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
         section = replace(self, rotary=passed_rotary(*tables)) if tables else self
@@ -186,7 +189,7 @@ class AttentionSection(_Core):
             q, k = frames.q.normalized, frames.k.normalized
         q, k = rotary.rotate(q), rotary.rotate(k)
         check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
-        self._check_heads(reads, v, pattern, mask)
+        self._check_heads(reads, v, pattern, mask, outputs)
         return section, q, k, v, pattern
 
     def _check_heads(
@@ -195,20 +198,23 @@ class AttentionSection(_Core):
         v: torch.Tensor,
         pattern: torch.Tensor,
         mask: torch.Tensor | None,
+        outputs: torch.Tensor | None,
     ) -> None:
         """Refuse a batch whose heads' outputs (``hook_z``) or section output are not
-        ``pattern @ v`` and ``[x +] z W_O + b_O`` at the real tokens: a hook changed them."""
-        real = slice(None) if mask is None else mask.to(v.device)
-        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        ``pattern @ v`` and ``[x +] z W_O + b_O`` at the real tokens of the probed
+        ``outputs`` (``None``: every position): a hook changed them."""
+        rows = slice(None) if outputs is None else outputs.to(v.device)
+        real = slice(None) if mask is None else mask.to(v.device)[:, rows]
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern[:, :, rows], v)
         check = {"at": self.source, "hint": _HOOK_HINT}
-        got = reads["z"].reshape(z.shape)
+        got = reads["z"].reshape(*v.shape[:1], -1, *v.shape[2:])[:, rows]
         check_read("heads' outputs", z[real], got[real], size=float(v.abs().max()), **check)
         y = torch.einsum("bqhe,hed->bqd", z, self.w_o.to(z.device))
         if self.residual:
-            y = y + reads["x"].to(y.dtype)
+            y = y + reads["x"][:, rows].to(y.dtype)
         if self.b_o is not None:
             y = y + self.b_o.to(y.device)
-        check_read("output", y[real], reads["y"][real], **check)
+        check_read("output", y[real], reads["y"][:, rows][real], **check)
 
     def _check_positions(
         self, rotated: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor | None

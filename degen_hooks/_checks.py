@@ -25,6 +25,7 @@ __all__ = [
     "closest",
     "nonfinite_rows",
     "optional_import",
+    "relative_tolerance",
 ]
 
 # Below this many bytes an allocation is not checked against the free memory: querying it
@@ -153,3 +154,11 @@ def optional_import(module: str, purpose: str, package: str | None = None) -> An
             f"{purpose} needs {name}, an optional dependency: pip install {name} "
             "(or pip install 'degen-hooks[plot]')."
         ) from err
+
+
+def relative_tolerance(dtype: torch.dtype, float64: float = 1e-9) -> float:
+    """How far, relative to its scale, a tensor of ``dtype`` the model computed may differ
+    from the float64 closed form's value by rounding alone: ``float64`` for 64-bit floats,
+    ``1e-4`` for 32-bit, ``3e-2`` for half precision."""
+    bits = torch.finfo(dtype).bits if dtype.is_floating_point else 64
+    return {64: float64, 32: 1e-4}.get(bits, 3e-2)

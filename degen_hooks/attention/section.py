@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import relative_tolerance
 from .._errors import ShapeMismatchError
 from .._positions import padding_mask, position_weights
 from .._read_pass import SiteReader
@@ -101,9 +102,7 @@ def check_read(
     if size is None:
         size = float(expected.abs().max())
     error = float((expected - got.to(torch.float64)).abs().max())
-    bits = torch.finfo(got.dtype).bits if got.dtype.is_floating_point else 64
-    bits = min(bits, 32) if float32_norms else bits
-    tolerance = {64: 1e-9, 32: 1e-4}.get(bits, 3e-2) * max(size, 1e-30)
+    tolerance = relative_tolerance(got.dtype, 1e-4 if float32_norms else 1e-9) * max(size, 1e-30)
     if not error <= tolerance:
         raise ValueError(
             f"The attention of {at!r} differs from the closed form's: its {what} by {error:.3g} "

@@ -152,13 +152,12 @@ def _section(
     if (kind, to[1]) == ("resid_post", "resid_post"):  # a layer's output, the next one's input
         width = int(model.config.hidden_size)
         return MLPSection(torch.eye(width, dtype=F64), torch.eye(width, dtype=F64), "identity")
-    layer = model.get_submodule(layers[index])
     if (kind, to[1]) == ("resid_mid", "resid_post"):
         return _block(model, model_type, layers[index], layout, "resid_post")
     if (kind, to[1]) == ("resid_mid", "mlp_hidden"):
         return _block(model, model_type, layers[index], layout, "hidden")
     if (kind, to[1]) == ("mlp_hidden", "resid_post"):
-        w_out = _projection(layer.get_submodule(layout.down))[0]
+        w_out = _projection(model.get_submodule(f"{layers[index]}.{layout.down}"))[0]
         return MLPSection(torch.eye(w_out.shape[1], dtype=F64), w_out, "identity")
     return None
 

@@ -10,7 +10,8 @@ the last position: three layer pairs (attention, MLP, unembedding), the papers' 
   ``InteractionGraph().fit(model, lib, batches, output=True, output_positions="last")``:
   every pair has a closed-form section (``sections="auto"``), so no backward pass runs (the
   attention pair from one forward pass of the layer's q, k, v and pattern, the MLP pair from
-  its input and pre-activations, the unembedding from its weights). The reference is the
+  its input, each checked against what the model computed, the unembedding from its
+  weights). The reference is the
   rib-style computation written out here with the same conventions (lib_math §7.1): per
   batch and pair, the input site rewritten from leaf features ``f C_pinv + mu``, then one
   ``torch.autograd.grad`` per (output position, output feature) filling a dense per-sample

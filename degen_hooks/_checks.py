@@ -24,7 +24,9 @@ __all__ = [
     "check_width",
     "closest",
     "nonfinite_rows",
+    "largest",
     "optional_import",
+    "random_directions",
     "relative_tolerance",
 ]
 
@@ -162,3 +164,24 @@ def relative_tolerance(dtype: torch.dtype, float64: float = 1e-9) -> float:
     ``1e-4`` for 32-bit, ``3e-2`` for half precision."""
     bits = torch.finfo(dtype).bits if dtype.is_floating_point else 64
     return {64: float64, 32: 1e-4}.get(bits, 3e-2)
+
+
+def random_directions(width: int, device: torch.device | str, n: int = 2) -> torch.Tensor:
+    """``n`` fixed random directions of ``R^width`` (``(width, n)``, float64, seed 0).
+
+    A check of a linear map (``y = x W + b``) on them costs ``O(width)`` a row, not a matrix
+    product, and misses a change of ``y`` only on a set of measure zero: the closed forms'
+    checks of what a model computed use them.
+    """
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(width, n, generator=generator, dtype=torch.float64).to(device)
+
+
+def largest(t: torch.Tensor) -> float:
+    """``max |t|`` in one pass, without a temporary (0 for an empty tensor; NaN if any)."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)  # one vectorized pass (an infinity norm is slower on CPU)
+    if torch.isnan(high) or torch.isnan(low):
+        return float("nan")
+    return max(-float(low), float(high))

@@ -57,7 +57,8 @@ def edge_kernel(
     # derivatives with P[k, (j, i)] = a_in[j, k] b_out[k, i], P in blocks of input
     # features j. Chunks hold whole samples (signs mix a sample's positions).
     per_sample = n_pos * d_hidden
-    b_rows = b_out.T.contiguous()  # (r_next, d_hidden): the products below come out contiguous
+    # Contiguous factors: the products below come out contiguous (no copy in the reshape).
+    a_in, b_rows = a_in.contiguous(), b_out.T.contiguous()  # b_rows: (r_next, d_hidden)
     step = max(1, elements // per_sample)
     width = max(1, min(r, elements // (d_hidden * r_next), elements // (step * n_pos * r_next)))
     for start in range(0, n, step):

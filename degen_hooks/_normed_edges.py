@@ -8,6 +8,7 @@ MLP section's edges take (slopes ``a/s``) plus one rank-one term per integration
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -26,13 +27,17 @@ class NormedEdges:
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
         """What :meth:`edge_batch` (and ``gram_pass``) read in one forward pass: the
-        section's input ``"x"``, and the model's hidden activation ``"h"`` at the same
-        positions when the section checks it (``hidden``)."""
+        section's input ``"x"``; when the section checks the model (``hidden``), its hidden
+        activation ``"h"`` and, where the section ends after the output projection, its
+        output ``"y"`` (``target``), both at the input's positions."""
         hidden: Site | None = getattr(self, "hidden", None)
         if hidden is None:
             return {"x": site}
-        at = Site(hidden.name, hidden.io, site.positions, arg=hidden.arg, call=hidden.call)
-        return {"x": site, "h": at}
+        reads = {"x": site, "h": replace(hidden, positions=site.positions)}
+        ends_at_hidden = target is not None and (target.name, target.io) == (hidden.name, hidden.io)
+        if target is not None and self.w_out is not None and not ends_at_hidden:  # type: ignore[attr-defined]
+            reads["y"] = replace(target, positions=site.positions)
+        return reads
 
     def edge_batch(
         self,
@@ -71,10 +76,10 @@ class NormedEdges:
 
         f64 = torch.float64
         act = reads["x"]
-        if "h" in reads:  # the model's hidden activation must be the section's
+        if "h" in reads:  # the model's hidden activation (and output) must be the section's
             rows = src.site.rows(act, src.padding)
-            hidden = self.edge_reads(src.site, None)["h"]
-            self.check_hidden(rows, hidden.rows(reads["h"], src.padding), src.key)  # type: ignore[attr-defined]
+            sites = self.edge_reads(src.site, dst.site)
+            self.check_reads(rows, reads, sites, src.padding, src.key)  # type: ignore[attr-defined]
         features = src.features(act)  # (n, K, r)
         n, n_pos, r = features.shape
         device = features.device
@@ -98,9 +103,25 @@ class NormedEdges:
         if linear:  # a constant B A: one row slope per sample, on r hidden "units"
             b_out, a_in = (b_out.T @ a_in).T, torch.eye(r, dtype=f64, device=device)
         d = moments.d
+        # Without a norm, z = alpha f (C_pinv W_in^T) + mu W_in^T + b: products of width r.
+        plain = self.norm is None and not linear
+        if plain:
+            offset = torch.zeros(w_in.shape[0], dtype=f64, device=device)
+            offset = offset if shift is None else shift @ w_in.T
+            offset = offset if moments.bias is None else offset + moments.bias
 
         def slopes(part: slice) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
             f = features[part].reshape(-1, r)
+            if plain:  # a = sigma'(z), summed over the integration points
+                fz = f @ a_in.T
+                slope = None
+                for alpha, weight in zip(alphas, w, strict=True):
+                    a = self.slopes(torch.add(offset, fz, alpha=float(alpha)))
+                    if slope is None:
+                        slope = a if float(weight) == 1.0 else a.mul_(weight)
+                    else:
+                        slope.add_(a, alpha=float(weight))
+                return slope, None
             slope = torch.zeros(f.shape[0], a_in.shape[0], dtype=f64, device=device)
             betas, gammas = [], []
             for alpha, weight in zip(alphas, w, strict=True):

@@ -28,6 +28,7 @@ from torch import nn
 from ._edge_kernel import edge_kernel
 from ._errors import ShapeMismatchError
 from ._mlp_section_passes import MLPPasses
+from ._user_hooks import leave_hooked
 from .accumulators import Covariance
 from .sites import Site
 
@@ -409,7 +410,9 @@ def find_mlp_sections(
     Detects them in ``nn.Sequential`` models: a site (the output of a module, or the input of a
     ``Linear``) followed by ``Linear, activation, Linear``, ``Linear, activation`` or a lone
     ``Linear`` whose last output is the next site (or the model output, for the last site
-    when ``output`` is ``None``). Missing pieces are identities.
+    when ``output`` is ``None``). Missing pieces are identities. A section whose modules carry
+    a hook of the user's is left out, with a warning (the closed form cannot see what the hook
+    does to the Jacobian; backward passes follow it).
 
     Args:
         model: The model.
@@ -444,9 +447,11 @@ def find_mlp_sections(
             continue
         modules = [model[i] for i in range(start, end + 1)]
         section = _section_of(modules)
-        if section is not None:
-            pre = None if section.is_linear else Site(names[start], positions=site.positions)
-            found[site.key] = (section, pre)
+        pair = f"{site.key} -> {'the output' if target is None else target.key}"
+        if section is None or leave_hooked(model, pair, names[start : end + 1]):
+            continue  # no closed form, or a hook of the user's: backward passes
+        pre = None if section.is_linear else Site(names[start], positions=site.positions)
+        found[site.key] = (section, pre)
     return found
 
 

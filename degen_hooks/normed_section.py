@@ -37,9 +37,10 @@ E[N N^T/s^2] + transpose)/d + E[(N^T L N/s^2) N N^T]/d^2``.
 The statistics need the read-out ``Q``, known only once the next site's basis is built, so
 the section runs a forward pass of its own (:meth:`NormedMLPSection.gram_pass`, the protocol
 of the attention section), reading the section's input and stopping the forward pass there
-or, when the family names it (``hidden``), at the MLP's hidden activation, which each batch
-checks against the section's: a hook of the user's that changes the MLP is refused, never
-silently left out.
+or, when the family names it (``hidden``), at the MLP's hidden activation and the section's
+output, which each batch checks against the section's (the output on random directions,
+``[x +] h W_out^T + b_out`` for the model's own ``h``): a hook of the user's that changes the
+MLP is refused, never silently left out.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._checks import relative_tolerance
+from ._checks import largest, random_directions, relative_tolerance
 from ._errors import ShapeMismatchError
 from ._normed_edges import NormedEdges
 from ._positions import same_positions
@@ -105,6 +106,10 @@ class NormedMLPSection(NormedEdges):
             another one (a hook of the user's, a layer the section does not describe).
         hidden_bias: What the model adds to ``h`` before ``hidden`` (a constant, which the
             Jacobian does not see), or ``None``.
+        out_bias: The output projection's bias ``b_out`` (``y = [x +] h W_out^T + b_out``),
+            or ``None`` for zero. With ``hidden`` and ``w_out``, each batch also reads the
+            section's output site and checks it against ``[x +] h W_out^T + b_out``, ``h``
+            the model's own: a hook that changes the MLP's output is refused too.
 
     Examples:
         The Gram equals exact backward probes (here a pre-norm residual block):
@@ -141,6 +146,7 @@ class NormedMLPSection(NormedEdges):
     gated: bool = False
     hidden: Site | None = None
     hidden_bias: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in _NORM_KINDS:
@@ -165,6 +171,11 @@ class NormedMLPSection(NormedEdges):
         if self.bias is not None and tuple(self.bias.shape) != (d_hidden,):
             raise ShapeMismatchError(
                 f"bias has shape {tuple(self.bias.shape)}; it must be (d_hidden,) = ({d_hidden},)."
+            )
+        if self.out_bias is not None and tuple(self.out_bias.shape) != (self.d_out,):
+            raise ShapeMismatchError(
+                f"out_bias has shape {tuple(self.out_bias.shape)}; it must be (d_out,) = "
+                f"({self.d_out},)."
             )
         if self.residual and (self.w_out is None or self.d_out != d_in):
             raise ShapeMismatchError(
@@ -244,9 +255,30 @@ class NormedMLPSection(NormedEdges):
             padding = None if mask is None else mask(batch)
             rows = resolved["x"].rows(captured["x"], padding)
             if "h" in captured:
-                self.check_hidden(rows, resolved["h"].rows(captured["h"], padding), site.key)
+                self.check_reads(rows, captured, resolved, padding, site.key)
             moments.update(rows)
         return SecondMoment.from_matrix(moments.gram(), moments.n)
+
+    def check_reads(
+        self,
+        x: torch.Tensor,
+        reads: dict[str, torch.Tensor],
+        sites: dict[str, Site],
+        padding: torch.Tensor | None,
+        where: str,
+    ) -> None:
+        """Check what a pass read (``reads`` at ``sites``, by the roles of
+        :meth:`edge_reads`) against the section at the input rows ``x``: the hidden
+        activation ``"h"``, then the output ``"y"`` when it is read.
+
+        Raises:
+            ValueError: If the model computes another one (a hook, a layer the section does
+                not describe).
+        """
+        h = sites["h"].rows(reads["h"], padding)
+        self.check_hidden(x, h, where)
+        if "y" in reads:
+            self.check_output(x, h, sites["y"].rows(reads["y"], padding), where, sites["y"].key)
 
     def check_hidden(self, x: torch.Tensor, h: torch.Tensor, where: str) -> None:
         """Refuse rows whose hidden activation ``h`` (the model's, at :attr:`hidden`) is not
@@ -260,29 +292,57 @@ class NormedMLPSection(NormedEdges):
             return
         f64 = torch.float64
         w_in = self.w_in.to(x.device, f64)
-        z = self.normed(x.to(f64))[0] @ w_in.T
-        if self.bias is not None:
-            z = z + self.bias.to(z)
+        x = x.to(f64)
+        normed = x if self.norm is None else self.normed(x)[0]
+        if self.bias is None:
+            z = normed @ w_in.T
+        else:
+            z = torch.addmm(self.bias.to(x.device, f64), normed, w_in.T)
         act = _ACTIVATIONS[self.activation.lower()]  # the same names as activation_derivative's
         if self.gated:
             gate, up = z.chunk(2, dim=-1)
-            expected = act(gate) * up
+            expected = act(gate).mul_(up)
         else:
             expected = act(z)
         if self.hidden_bias is not None:
-            expected = expected + self.hidden_bias.to(expected)
-        size = max(float(expected.abs().max()), 1e-30)
-        tolerance = relative_tolerance(h.dtype, 1e-6) * size
-        error = float((expected - h.to(f64)).abs().max())
+            expected += self.hidden_bias.to(expected)
+        _refuse_unless_equal(
+            expected, h, relative_tolerance(h.dtype, 1e-6), where,
+            f"computes a hidden activation at {self.hidden.key!r}",  # type: ignore[union-attr]
+        )  # fmt: skip
+
+    def check_output(
+        self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, where: str, at: str
+    ) -> None:
+        """Refuse rows whose output ``y`` (the model's, at ``at``) is not ``[x +] h W_out^T
+        + b_out`` for the model's hidden activation ``h`` (checked before) and input ``x``,
+        compared on two fixed random directions (:func:`~degen_hooks._checks.random_directions`;
+        rounding is bounded by the terms' absolute sums).
+
+        Raises:
+            ValueError: If they differ by more than rounding.
+        """
+        if not len(x) or self.w_out is None:
+            return
+        f64 = torch.float64
+        directions = random_directions(self.d_out, x.device)
+        on = self.w_out.to(x.device, f64).T @ directions  # (d_mlp, 2)
+        dtype, h, y = y.dtype, h.to(f64), y.to(f64)
+        # |sum_i a_i w_i| <= max|a| sum|w|: the rounding of either side is below eps times it
+        one_norm = float(directions.abs().sum(0).max())
+        expected = h @ on
+        size = largest(h) * float(on.abs().sum(0).max()) + largest(y) * one_norm
+        if self.out_bias is not None:
+            shift = self.out_bias.to(x.device, f64) @ directions
+            expected += shift
+            size += largest(shift)
+        if self.residual:
+            expected.addmm_(x.to(f64), directions)
+            size += largest(x) * one_norm
+        tolerance = relative_tolerance(dtype, 1e-9) * size
+        error = largest(y @ directions - expected)
         if not error <= tolerance:
-            raise ValueError(
-                f"The MLP after {where!r} computes a hidden activation at {self.hidden.key!r} "  # type: ignore[union-attr]
-                f"that differs from the closed form's by {error:.3g} (scale {size:.3g}, "
-                f"tolerance {tolerance:.2g}): a hook (steering, ablation, patching) or a "
-                "layer the section does not describe changes it, and the section's weights "
-                "would give the unhooked model's Jacobians. Remove the hook, or leave this "
-                "pair to backward passes (sections=None), which follow it."
-            )
+            _refuse(where, f"computes an output at {at!r}", error, size, tolerance)
 
     # -- per-row quantities -----------------------------------------------------------------
     def normed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +361,28 @@ class NormedMLPSection(NormedEdges):
             return activation_derivative(name)(z)
         gate, up = z.chunk(2, dim=-1)
         return torch.cat([activation_derivative(name)(gate) * up, _ACTIVATIONS[name](gate)], -1)
+
+
+def _refuse_unless_equal(
+    expected: torch.Tensor, got: torch.Tensor, relative: float, where: str, what: str
+) -> None:
+    """Refuse a batch where the model's ``got`` is not the section's ``expected`` (relative
+    to the largest ``expected``); ``what`` says what the model computes, and where."""
+    size = max(largest(expected), 1e-30)
+    tolerance = relative * size
+    error = largest(expected - got.to(torch.float64))
+    if not error <= tolerance:
+        _refuse(where, what, error, size, tolerance)
+
+
+def _refuse(where: str, what: str, error: float, size: float, tolerance: float) -> None:
+    raise ValueError(
+        f"The MLP after {where!r} {what} that differs from the closed form's by {error:.3g} "
+        f"(scale {size:.3g}, tolerance {tolerance:.2g}): a hook (steering, ablation, "
+        "patching) or a layer the section does not describe changes it, and the section's "
+        "weights would give the unhooked model's Jacobians. Remove the hook, or leave this "
+        "pair to backward passes (sections=None), which follow it."
+    )
 
 
 class _Moments:

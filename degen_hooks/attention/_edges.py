@@ -21,6 +21,10 @@ from .. import closed_form as _closed_form
 from .._errors import ShapeMismatchError
 from .qk_norm import Frames
 
+#: Most elements of one piece of attributions ``(samples, P, r', r)`` formed and squared at
+#: once: small enough to stay in a core's cache between its passes.
+_IN_CACHE = 2**17
+
 
 class AttentionEdges:
     """The edge methods of :class:`~degen_hooks.attention.AttentionSection`."""
@@ -194,9 +198,12 @@ class AttentionEdges:
 
         Without a norm, every ``d_in`` index of the rows comes from ``W_Q``, ``W_K`` or
         ``W_V`` (or the skip connection), so ``C_pinv W`` replaces ``W`` and the sum over
-        input positions is taken inside the products (:meth:`_direct_attributions`). A norm
-        acts on ``d_in`` between them: the rows of :meth:`jacobian_rows` are formed in
-        ``d_in``, taken through the norm and projected (:meth:`_rows_attributions`).
+        input positions is taken inside the products (:meth:`_direct_pieces`): the
+        attributions of every integration point are one batched product plus one term per
+        head (and the skip connection), formed and squared a few samples at a time, in
+        pieces that stay in cache. A norm acts on ``d_in`` between them: the rows of
+        :meth:`jacobian_rows` are formed in ``d_in``, taken through the norm and projected
+        (:meth:`_rows_attributions`).
         """
         f64 = torch.float64
         device = f.device
@@ -222,10 +229,14 @@ class AttentionEdges:
                 section = replace(self, w_q=w_q, w_k=w_k, w_v=w_v)
             wor = torch.einsum("hed,dr->her", section.w_o.to(device), readout)  # W_O^h R
             values = torch.einsum("hje,her->hrj", section.w_v.to(device), wor)  # (h, r', r)
-            per_output = n_heads * n_keys * (r_next + 2 * r + d_head) + 2 * r_next * r
+            if skip is not None:  # the skip connection: one more "head", on f at p
+                values = torch.cat([values, skip[None]])
+            per_output = len(weight) * n_heads * n_keys * (2 * r_next + 3 * r + d_head)
         else:
             per_output = n_in * r_next * (self.d_in + r) + n_heads * n_keys * (r_next + d_head)
-        # Chunks of samples and output positions: memory O(elements), not O(samples).
+            per_output += 2 * r_next * r
+        # Chunks of samples and output positions: memory O(elements), not O(samples). The
+        # (samples, r', r) attributions are formed a few samples at a time (O(_IN_CACHE)).
         out_step = max(1, min(n_out, elements // per_output))
         step = max(1, elements // (per_output * out_step))
         edges = torch.zeros(r_next, r, dtype=f64, device=device)
@@ -235,34 +246,156 @@ class AttentionEdges:
             mixed = None
             for first in range(0, n_out, out_step):
                 block = slice(first, first + out_step)
-                attribution = None
-                for (q, k, v, pattern, x, qk), w in zip(layers, weight, strict=True):
-                    if self.norm is None:
-                        term = section._direct_attributions(  # q, pattern: output rows
-                            q[:, block], k, v, pattern[:, :, block], wor, values, spread[part],
-                            at_output[part, block], outputs[block], qk,
-                        )  # fmt: skip
-                    else:
-                        term = self._rows_attributions(
-                            q, k, v, pattern, x, readin, readout, inputs, outputs[block],
-                            f[part], qk,
-                        )  # fmt: skip
-                    if attribution is None:
-                        attribution = term if float(w) == 1.0 else term.mul_(w)
-                    else:
-                        attribution.add_(term, alpha=float(w))
-                if skip is not None:
-                    attribution.addcmul_(at_output[part, block, None, :], skip)
-                if probed is not None:
-                    attribution *= probed[part, block, None, None].to(attribution)
-                if signs is None:
-                    edges += attribution.square_().sum((0, 1))
-                else:  # output positions mixed by signs before squaring: sum the blocks
-                    term = torch.einsum("sbp,bpij->sbij", signs[:, part, block, 0], attribution)
-                    mixed = term if mixed is None else mixed + term
+                scale = None if probed is None else probed[part, block].to(f64)
+                if self.norm is None:
+                    form = section._direct_sum(  # q, pattern: output rows
+                        layers, weight, block, wor, values, spread[part], at_output[part, block],
+                        outputs[block], scale,
+                    )  # fmt: skip
+                else:
+                    form = self._rows_sum(
+                        layers, weight, block, readin, readout, inputs, outputs, f[part], skip,
+                        at_output[part, block], scale,
+                    )  # fmt: skip
+                b, n_block = at_output[part, block].shape[:2]
+                sub_step = max(1, _IN_CACHE // (n_block * r_next * r))
+                for sub_start in range(0, b, sub_step):
+                    sub = slice(sub_start, sub_start + sub_step)
+                    attribution = form(sub)  # (b_sub, P_block, r', r)
+                    if signs is None:
+                        edges += attribution.square_().sum((0, 1))
+                        continue
+                    # Output positions mixed by signs before squaring: sum the blocks.
+                    rows = slice(start + sub.start, start + min(sub.stop, b))
+                    term = torch.einsum("sbp,bpij->sbij", signs[:, rows, block, 0], attribution)
+                    if mixed is None:
+                        mixed = torch.zeros(signs.shape[0], b, r_next, r, dtype=f64, device=device)
+                    mixed[:, sub] += term
             if mixed is not None:
                 edges += mixed.square().sum((0, 1))
         return edges
+
+    def _rows_sum(
+        self,
+        layers: list[tuple[Any, ...]],
+        weight: torch.Tensor,
+        block: slice,
+        readin: torch.Tensor | None,
+        readout: torch.Tensor,
+        inputs: torch.Tensor,
+        outputs: torch.Tensor,
+        f: torch.Tensor,
+        skip: torch.Tensor | None,
+        at_output: torch.Tensor,
+        scale: torch.Tensor | None,
+    ) -> Callable[[slice], torch.Tensor]:
+        """Through a norm: the chunk's attributions (``_rows_attributions`` of each
+        integration point, weighted, plus the skip connection, times ``scale``), sliced by
+        samples."""
+        attribution = None
+        for (q, k, v, pattern, x, qk), w in zip(layers, weight, strict=True):
+            term = self._rows_attributions(
+                q, k, v, pattern, x, readin, readout, inputs, outputs[block], f, qk
+            )
+            if attribution is None:
+                attribution = term if float(w) == 1.0 else term.mul_(w)
+            else:
+                attribution.add_(term, alpha=float(w))
+        assert attribution is not None
+        if skip is not None:
+            attribution.addcmul_(at_output[:, :, None, :], skip)
+        if scale is not None:
+            attribution *= scale[:, :, None, None]
+        return lambda sub: attribution[sub]
+
+    def _direct_sum(
+        self,
+        layers: list[tuple[Any, ...]],
+        weight: torch.Tensor,
+        block: slice,
+        wor: torch.Tensor,
+        values: torch.Tensor,
+        spread: torch.Tensor,
+        at_output: torch.Tensor,
+        outputs: torch.Tensor,
+        scale: torch.Tensor | None,
+    ) -> Callable[[slice], torch.Tensor]:
+        """Without a norm: the chunk's attributions, summed over the integration points
+        with their weights and times ``scale``, as a function of a slice of samples that
+        forms them (``values`` holds the skip connection as a last head when there is one).
+
+        The attributions are linear in :meth:`_direct_pieces`' ``lhs`` and head weights for
+        fixed ``rhs``: the points' pieces are stacked along the product's inner axis, and
+        ``scale`` multiplies the left factors only."""
+        lhs, rhs, heads = [], [], None
+        for (q, k, v, pattern, _, qk), w in zip(layers, weight, strict=True):
+            left, right, mixed = self._direct_pieces(
+                q[:, block], k, v, pattern[:, :, block], wor, spread, at_output, outputs, qk
+            )
+            lhs.append(left if float(w) == 1.0 else left.mul_(w))
+            rhs.append(right)
+            heads = mixed.mul_(w) if heads is None else heads.add_(mixed, alpha=float(w))
+        assert heads is not None
+        if len(values) > heads.shape[2]:  # the skip connection, weighted by sum(w) already
+            heads = torch.cat([heads, at_output[:, :, None]], 2)
+        left = lhs[0] if len(lhs) == 1 else torch.cat(lhs, -1)
+        right = rhs[0] if len(rhs) == 1 else torch.cat(rhs, -2)
+        if scale is not None:
+            left = left * scale[:, :, None, None]
+            heads = heads * scale[:, :, None, None]
+
+        def form(sub: slice) -> torch.Tensor:
+            a, b_ = left[sub], right[sub]
+            n_rows, n_block = a.shape[:2]
+            out = torch.bmm(a.reshape(-1, *a.shape[2:]), b_.reshape(-1, *b_.shape[2:]))
+            out = out.view(n_rows, n_block, *out.shape[1:])
+            part = heads[sub]
+            for head in range(len(values)):
+                out.addcmul_(part[:, :, head, None, :], values[head])
+            return out
+
+        return form
+
+    def _direct_pieces(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pattern: torch.Tensor,
+        wor: torch.Tensor,
+        spread: torch.Tensor,
+        at_output: torch.Tensor,
+        outputs: torch.Tensor,
+        qk: Frames | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The factors of :meth:`_direct_attributions`: ``(lhs, rhs, heads)`` of shapes
+        ``(b, P, r', h L)``, ``(b, P, h L, r)`` and ``(b, P, h, r)``, with the attributions
+        ``lhs @ rhs + sum_h heads[:, :, h, None] * values[h]``."""
+        n, n_heads, n_keys = q.shape[0], q.shape[2], v.shape[1]
+        n_out, r_next = len(outputs), wor.shape[2]
+        a = pattern  # (b, h, P, L): the output rows
+        vw = torch.einsum("blhe,her->bhlr", v, wor)  # (b, h, L, r')
+        zw = a @ vw  # z_hp W_O^h R: (b, h, P, r')
+        g = a[..., None] * (vw[:, :, None] - zw[:, :, :, None])  # (b, h, P, L, r')
+        w_q, w_k = self.w_q.to(q.device), self.w_k.to(q.device)
+        if self.rotary is None:
+            keys = torch.einsum("hje,bphe->bphj", w_k, q) / self.scale
+            queries = torch.einsum("hje,blhe->bhlj", w_q, k) / self.scale
+            rhs = keys[:, :, :, None] * spread[:, None, None]  # (b, P, h, L, r)
+            rhs += queries[:, None] * at_output[:, :, None, None]
+        else:  # q and k rotated: back to the key position l, and to the query position p
+            every = torch.arange(n_keys, device=q.device)
+            key_at = self.rotary.unrotate(q[:, :, None], every[None, :])  # (b, P, L, h, e)
+            query_at = self.rotary.unrotate(k[:, None], outputs[:, None].expand(-1, n_keys))
+            if qk is not None:
+                key_at = qk.k.pull(key_at, expand=(1,))
+                query_at = qk.q.at(outputs).pull(query_at, expand=(2,))
+            keys = torch.einsum("hje,bplhe->bphlj", w_k, key_at) / self.scale
+            queries = torch.einsum("hje,bplhe->bphlj", w_q, query_at) / self.scale
+            rhs = keys * spread[:, None, None] + queries * at_output[:, :, None, None]
+        lhs = g.permute(0, 2, 4, 1, 3).reshape(n, n_out, r_next, n_heads * n_keys)
+        heads = (a @ spread[:, None]).transpose(1, 2)  # sum_l A_hpl f_l: (b, P, h, r)
+        return lhs, rhs.reshape(n, n_out, n_heads * n_keys, -1), heads
 
     def _direct_attributions(
         self,
@@ -292,34 +425,10 @@ class AttentionEdges:
           ``l``), ``query = W_Q^h k_hl / scale`` (rotated back to ``p``; with norms of q and
           k, ``qk`` their frames, both then through the norm's ``P (gamma * .)``).
         """
-        n, n_heads, n_keys = q.shape[0], q.shape[2], v.shape[1]
-        n_out, r_next, r = len(outputs), wor.shape[2], self.d_in
-        a = pattern  # (b, h, P, L): the output rows
-        vw = torch.einsum("blhe,her->bhlr", v, wor)  # (b, h, L, r')
-        zw = a @ vw  # z_hp W_O^h R: (b, h, P, r')
-        g = a[..., None] * (vw[:, :, None] - zw[:, :, :, None])  # (b, h, P, L, r')
-        w_q, w_k = self.w_q.to(q.device), self.w_k.to(q.device)
-        if self.rotary is None:
-            keys = torch.einsum("hje,bphe->bphj", w_k, q) / self.scale
-            queries = torch.einsum("hje,blhe->bhlj", w_q, k) / self.scale
-            rhs = keys[:, :, :, None] * spread[:, None, None]  # (b, P, h, L, r)
-            rhs += queries[:, None] * at_output[:, :, None, None]
-        else:  # q and k rotated: back to the key position l, and to the query position p
-            every = torch.arange(n_keys, device=q.device)
-            key_at = self.rotary.unrotate(q[:, :, None], every[None, :])  # (b, P, L, h, e)
-            query_at = self.rotary.unrotate(k[:, None], outputs[:, None].expand(-1, n_keys))
-            if qk is not None:
-                key_at = qk.k.pull(key_at, expand=(1,))
-                query_at = qk.q.at(outputs).pull(query_at, expand=(2,))
-            keys = torch.einsum("hje,bplhe->bphlj", w_k, key_at) / self.scale
-            queries = torch.einsum("hje,bplhe->bphlj", w_q, query_at) / self.scale
-            rhs = keys * spread[:, None, None] + queries * at_output[:, :, None, None]
-        lhs = g.permute(0, 2, 4, 1, 3).reshape(n * n_out, r_next, n_heads * n_keys)
-        attribution = torch.bmm(lhs, rhs.reshape(n * n_out, n_heads * n_keys, r))
-        attribution = attribution.view(n, n_out, r_next, r)
-        mixed = a @ spread[:, None]  # sum_l A_hpl f_l: (b, h, P, r)
-        for head in range(n_heads):
-            attribution.addcmul_(mixed[:, head, :, None, :], values[head])
+        lhs, rhs, heads = self._direct_pieces(q, k, v, pattern, wor, spread, at_output, outputs, qk)
+        attribution = lhs @ rhs
+        for head in range(len(values)):
+            attribution.addcmul_(heads[:, :, head, None, :], values[head])
         return attribution
 
     def _rows_attributions(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import largest
+
 __all__ = ["Rotary", "check_pattern", "passed_rotary"]
 
 _ELEMENTS = 2**21  # elements of the score tensors checked at once
@@ -89,31 +91,72 @@ def passed_rotary(cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
 
 
 def check_pattern(
-    q: torch.Tensor, k: torch.Tensor, pattern: torch.Tensor, scale: float, dtype: torch.dtype
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pattern: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    tolerance: float | None = None,
+    hint: str | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    bias: torch.Tensor | None = None,
+    outputs: torch.Tensor | None = None,
 ) -> None:
-    """Refuse a batch whose pattern is not ``softmax(q k^T / scale)`` over the keys it sees.
+    """Refuse a batch whose pattern is not ``softmax(q k^T / scale + bias)`` over the keys
+    each query sees (a hook on the scores or the pattern, rotations at other positions).
+
+    The keys a query sees: its own and earlier ones (``causal``), less the padding
+    (``mask``; without one, the keys no query of the sample attends to in any head: a
+    mask's zeros, which a softmax over the other keys reproduces). Queries of padding are
+    not checked.
 
     Args:
-        q, k: The rotated q and k the section computed, ``(b, pos, heads, d_head)``.
+        q, k: The (rotated) q and k the section computed, ``(b, pos, heads, d_head)``.
         pattern: The model's pattern, ``(b, heads, query pos, key pos)``, float64.
         scale: The section's score divisor.
-        dtype: The dtype the model computed the pattern in (sets the tolerance).
+        dtype: The dtype the model computed the pattern in (sets the default tolerance).
+        tolerance: The largest difference allowed (default: ``1e-3``, ``5e-2`` in half
+            precision: a bridge takes the softmax in float32 at best).
+        hint: What to do, for the message (default: about rotary positions).
+        mask: ``(b, pos)`` real tokens, or ``None``.
+        causal: Queries see only their own and earlier keys.
+        bias: Constants added to the scores, ``(heads, pos, pos)`` (ALiBi), or ``None``.
+        outputs: The query positions the closed form uses (checked there only), ``None``
+            for all.
 
     Raises:
         ValueError: If they differ by more than rounding.
     """
-    # A bridge takes the softmax in float32 at best: a shifted rotation moves the pattern by
-    # far more than 1e-3; half precision only gets a coarse check.
-    tolerance = 1e-3 if torch.finfo(dtype).bits >= 32 else 5e-2
+    if tolerance is None:
+        tolerance = 1e-3 if torch.finfo(dtype).bits >= 32 else 5e-2
+    n_pos, device = q.shape[1], q.device
+    rows = torch.arange(n_pos, device=device) if outputs is None else outputs.to(device)
+    hidden = torch.zeros(n_pos, n_pos, dtype=torch.bool, device=device)
+    if causal:
+        hidden = torch.ones_like(hidden).triu(1)
+    hidden = hidden[rows]
+    if bias is not None:
+        bias = bias[:, rows]
     step = max(1, _ELEMENTS // max(1, pattern[0].numel() * q.shape[-1]))
     for start in range(0, q.shape[0], step):
         part = slice(start, start + step)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q[part], k[part]) / scale
-        seen = pattern[part] > 0  # masked keys (and underflows) are left out
-        expected = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
-        error = float((expected.nan_to_num(0.0) - pattern[part]).abs().max())
+        scores = torch.einsum("bqhe,bkhe->bhqk", q[part][:, rows], k[part]) / scale
+        if bias is not None:
+            scores += bias
+        if mask is None:  # keys no query attends to in any head: padding
+            keys = (pattern[part] == 0).all(dim=1).all(dim=1)
+        else:
+            keys = ~mask[part].to(device)
+        masked = hidden | keys[:, None, None, :]
+        expected = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+        difference = expected.nan_to_num(0.0) - pattern[part][:, :, rows]
+        if mask is not None:  # queries of padding: not checked
+            difference = difference.transpose(1, 2)[mask[part][:, rows].to(device)]
+        error = largest(difference)
         if error > tolerance:
             raise ValueError(
-                f"The attention pattern differs from the softmax of the rotated q and k by "
-                f"{error:.2g}: {_POSITIONS_HINT}"
+                f"The attention pattern differs from the closed form's softmax of q and k "
+                f"by {error:.2g} (tolerance {tolerance:.2g}): {hint or _POSITIONS_HINT}"
             )

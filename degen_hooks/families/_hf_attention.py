@@ -31,12 +31,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .._checks import largest
 from .._errors import ShapeMismatchError
 from .._weights import float64_copy
 from ..attention import AttentionSection
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import passed_rotary
-from ..attention.section import check_read, heads
+from ..attention.section import check_read, heads, projection_biases
 from ..sites import Site
 
 __all__ = ["HFAttentionSection", "hf_attention_section"]
@@ -47,7 +48,8 @@ _HINT = (
     "the keys of padding masked as mask= says. With padding, pass build_bases(mask=...) (or "
     "gram_pass(mask=...)) the attention_mask the model gets, e.g. mask=hf.mask; run batches "
     "without per-row position_ids or cache, with the model in eval mode, and no hook that "
-    "changes the heads' outputs or the output projection (a head ablation, a patch); "
+    "changes the norm, q, k or v (steering), the heads' outputs or the output projection "
+    "(a head ablation, a patch); "
     "otherwise leave this pair to backward passes (sections=None), which follow such hooks."
 )
 
@@ -118,6 +120,8 @@ class HFAttentionSection(AttentionSection):
         else:
             parts = (reads["q"], reads["k"], reads["v"])
         q, k, v = (heads(part, n_heads, d_head) for part in parts)
+        raw = tuple(t.to(part.dtype) for t, part in zip((q, k, v), parts, strict=True))
+        self.check_projections(reads["x"], raw, mask, _HINT, outputs=outputs)  # type: ignore[arg-type]
         section: AttentionSection = self
         if self.qk_norm is not None:  # the projections are raw: norm each head's q and k
             section = replace(self, qk_norm=self.qk_norm.of_batch(q, k))
@@ -136,7 +140,7 @@ class HFAttentionSection(AttentionSection):
         pattern = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
         pattern = pattern.nan_to_num_(0.0)  # a query that sees no key
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
-        size = float(v.abs().max())
+        size = largest(v)
         # transformers' RMSNorm of q and k takes its variance in float32 whatever the dtype
         loose = self.qk_norm is not None
         check = {"at": self.source, "hint": _HINT, "float32_norms": loose}
@@ -174,7 +178,7 @@ def hf_attention_section(
     """
     layer_path = layers[index]
     layer = model.get_submodule(layer_path)
-    kind, gain, _, eps = norm
+    kind, gain, beta, eps = norm
     if model_type == "gpt2":
         attn = layer.attn
         if getattr(attn, "is_cross_attention", False) or hasattr(layer, "crossattention"):
@@ -184,6 +188,9 @@ def hf_attention_section(
         n_heads = int(attn.num_heads)
         w_q, w_k, w_v = (_heads_in(w, n_heads) for w in fused.split(d_model, dim=1))
         w_o = float64_copy(attn.c_proj.weight).reshape(n_heads, -1, d_model)
+        d_head = w_o.shape[1]
+        fused_bias = _bias(attn.c_attn)
+        biases = (None,) * 3 if fused_bias is None else fused_bias.split(d_model)
         out_proj = attn.c_proj
         projections, mixer, tables = (f"{layer_path}.attn.c_attn",), "attn.c_proj", ""
         qk_norm = None
@@ -201,6 +208,7 @@ def hf_attention_section(
             for n in "qkv"
         )
         w_o = float64_copy(attn.o_proj.weight).T.reshape(w_q.shape[0], d_head, -1)
+        biases = tuple(_bias(getattr(attn, f"{n}_proj")) for n in "qkv")
         out_proj = attn.o_proj
         projections = tuple(f"{layer_path}.self_attn.{n}_proj" for n in "qkv")
         mixer, tables = "self_attn.o_proj", _rotary_module(model)
@@ -208,6 +216,8 @@ def hf_attention_section(
         raise ValueError("No closed form for norms of q and k without rotary embeddings.")
     # Grouped-query attention: each key/value head serves consecutive query heads.
     w_k, w_v = (w.repeat_interleave(w_q.shape[0] // w.shape[0], dim=0) for w in (w_k, w_v))
+    biases = tuple(None if b is None else b.reshape(-1, d_head) for b in biases)
+    b_q, b_k, b_v = projection_biases(biases, (w_q, w_k, w_v), beta)
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
         w_q, w_k, w_v = (w * gain[None, :, None] for w in (w_q, w_k, w_v))
     scaling = getattr(attn, "scaling", None)
@@ -220,6 +230,7 @@ def hf_attention_section(
         source=layer_path, target=target, norm=kind, eps=eps,
         previous=layers[index - 1] if index else "", projections=projections,
         mixer=f"{layer_path}.{mixer}", tables=tables, b_o=_bias(out_proj), qk_norm=qk_norm,
+        b_q=b_q, b_k=b_k, b_v=b_v,
     )  # fmt: skip
 
 

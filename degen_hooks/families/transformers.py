@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._positions import same_positions
+from .._user_hooks import leave_hooked
 from .._weights import float64_copy
 from ..closed_form import MLPSection, activation_derivative
 from ..normed_section import NormedMLPSection
@@ -50,6 +51,7 @@ _LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
 # RMSNorms that scale by (1 + weight), not weight (Gemma's; its weight starts at zero)
 _OFFSET_GAINS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 _ATTENTION_NORM = {"gpt2": "ln_1", **dict.fromkeys(_LLAMA_TYPES, "input_layernorm")}
+_ATTENTION = {"gpt2": "attn", **dict.fromkeys(_LLAMA_TYPES, "self_attn")}
 _FINAL = {
     "gpt2": ("transformer.ln_f", "lm_head"),
     **dict.fromkeys(_LLAMA_TYPES, ("model.norm", "lm_head")),
@@ -86,9 +88,33 @@ def find_sections(
             section = _section(inner, model_type, layers, layout, site, target, output_positions)
         except ValueError:  # a layer the closed forms do not cover: backward passes
             section = None
-        if section is not None:
-            found[site.key] = (section, None)
+        if section is None:
+            continue
+        pair = f"{site.key} -> {'the logits' if target is None else target.key}"
+        span = _span(model_type, layers, layout, site, target)
+        if leave_hooked(inner, pair, span):
+            continue  # backward passes follow the user's hook
+        found[site.key] = (section, None)
     return found
+
+
+def _span(
+    model_type: str, layers: list[str], layout: Any, site: Site, target: Site | None
+) -> list[str]:
+    """The modules between ``site`` and ``target`` whose hooks the closed form cannot see."""
+    if target is None:
+        return list(_FINAL[model_type])
+    attention = _attention_layer(site, target, layers, layout)
+    if attention is not None:
+        layer = layers[attention]
+        return [f"{layer}.{_ATTENTION_NORM[model_type]}", f"{layer}.{_ATTENTION[model_type]}"]
+    where = _role(site, layers, layout)
+    if where is None:
+        return []
+    layer = layers[where[0]]
+    if where[1] == "resid_post":  # the same tensor as the next layer's input
+        return []
+    return [f"{layer}.{layout.mlp_norm}", f"{layer}.{layout.mlp}"]
 
 
 def _role(site: Site | None, layers: list[str], layout: Any) -> tuple[int, str] | None:
@@ -208,7 +234,7 @@ def _block(model: nn.Module, model_type: str, path: str, layout: Any, to: str) -
             raise ValueError("The gated closed form takes projections without biases.")
         w_in, bias, gated = torch.cat([w_gate, w_up]), None, True
     hidden = Site(f"{path}.{layout.down}", io="input")  # checked against the section's
-    w_out = _projection(layer.get_submodule(layout.down))[0]
+    w_out, out_bias = _projection(layer.get_submodule(layout.down))
     if to == "hidden":
         w_out = torch.eye(w_out.shape[1], dtype=F64) if gated else None
     if beta is not None:  # z = (N * gain + beta) W_in^T + b: beta joins the bias
@@ -219,6 +245,7 @@ def _block(model: nn.Module, model_type: str, path: str, layout: Any, to: str) -
     return NormedMLPSection(
         w_in, w_out, bias=bias, activation=_activation(model), norm=kind, eps=eps,
         residual=to == "resid_post", gated=gated, hidden=hidden,
+        out_bias=out_bias if to == "resid_post" else None,
     )  # fmt: skip
 
 

@@ -21,22 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import largest, relative_tolerance
 from .._errors import ShapeMismatchError
 from .._weights import float64_copy
 from ..attention import AttentionSection as _Core
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary, check_pattern, passed_rotary
-from ..attention.section import check_read, heads
+from ..attention.section import check_read, heads, projection_biases
 from ..sites import Site, _unwrap
+from ._blocks import _norm_bias
 from ._mlp import _norm_weight
 from ._names import _NORMS, _cfg, _layers, refuse_flagged
 from ._rotary import bridge_qk_norm, bridge_rotary, hf_scale
 
 _HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern")
 _HOOK_HINT = (
-    "a hook changes the heads' outputs (hook_z: a head ablation) or the attention's output "
-    "(hook_attn_out, hook_result: a patch), which the closed form's W_O would leave out. "
-    "Remove the hook, or leave this pair to backward passes (sections=None), which follow it."
+    "a hook changes the layer (steering q, k or v, editing the scores or the pattern, a head "
+    "ablation at hook_z, a patch of hook_attn_out or hook_result), which the closed form's "
+    "weights would leave out. Remove the hook, or leave this pair to backward passes "
+    "(sections=None), which follow it."
 )
 # TransformerLens normalizes q and k of these after their hooks (abstract_attention.py).
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -117,13 +120,21 @@ class AttentionSection(_Core):
         b_o: The output bias ``(d_out,)``, or ``None``: each batch checks the heads' outputs
             (``hook_z``) and the section's output against the pattern, v and ``W_O`` the
             closed form uses, so a hook that changes them (a head ablation, a patch) is
-            refused rather than left out.
+            refused rather than left out. q, k and v are checked against the weights
+            (``b_q``, ``b_k``, ``b_v``) and the pattern against the softmax of q and k.
+        causal: Queries see the keys up to their own position (else every key).
+        alibi: The scores carry TransformerLens' ALiBi biases.
+        shortformer: The hook of the position embeddings added to the input of q and k
+            (``positional_embedding_type="shortformer"``), or ``None``.
     """
 
     hooks: tuple[str, ...] = _HOOKS
     rotates: bool = False
     rotary_tables: tuple[str, ...] = ()
     b_o: torch.Tensor | None = None
+    causal: bool = True
+    alibi: bool = False
+    shortformer: str | None = None
 
     def _check_sites(self, site: Site, target: Site | None) -> None:
         names = tuple(None if s is None else _hook_name(s.name) for s in (site, target))
@@ -141,12 +152,13 @@ class AttentionSection(_Core):
         reads = {role: Site(name) for role, name in zip("qkvp", self.hooks, strict=True)}
         reads["z"] = Site(f"{self.hooks[0].rsplit('.', 1)[0]}.hook_z")  # checked, as the output
         reads["y"] = Site(self.target, label=f"{self.target}:section output")
-        if self.rotary is not None and not self.rotates:
+        if self.rotary is not None and not self.rotates:  # the raw q and k, checked
             reads["plain_q"] = Site(self.hooks[0].replace("hook_rot_q", "hook_q"))
-            if self.qk_norm is not None:  # the raw k, before its norm
-                reads["plain_k"] = Site(self.hooks[1].replace("hook_rot_k", "hook_k"))
+            reads["plain_k"] = Site(self.hooks[1].replace("hook_rot_k", "hook_k"))
         for role, name in zip(("cos", "sin"), self.rotary_tables, strict=False):
             reads[role] = Site(name)
+        if self.shortformer is not None:
+            reads["pos"] = Site(self.shortformer)
         return reads
 
     def _read(
@@ -166,6 +178,7 @@ class AttentionSection(_Core):
         n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
         q, k, v = (heads(reads[role], n_heads, d_head) for role in "qkv")
         pattern = reads["p"].to(torch.float64)
+        self._check_projections(reads, mask, outputs)
         if not self.rotates:
             section: _Core = self
             if self.qk_norm is not None:  # norm the raw q and k: both checked below
@@ -174,8 +187,10 @@ class AttentionSection(_Core):
                 frames = section.qk_norm.frames()  # type: ignore[union-attr]
                 self._check_positions(q, frames.q.normalized, mask)
                 self._check_positions(k, frames.k.normalized, mask)
-            elif self.rotary is not None and "plain_q" in reads:
-                self._check_positions(q, reads["plain_q"].to(torch.float64), mask)
+            elif self.rotary is not None:
+                self._check_positions(q, heads(reads["plain_q"], n_heads, d_head), mask)
+                self._check_positions(k, heads(reads["plain_k"], n_heads, d_head), mask)
+            self._check_pattern(q, k, pattern, mask, reads["p"].dtype, outputs)
             self._check_heads(reads, v, pattern, mask, outputs)
             return section, q, k, v, pattern
         tables = tuple(reads[role] for role in ("cos", "sin") if role in reads)
@@ -188,9 +203,48 @@ class AttentionSection(_Core):
             frames = section.qk_norm.frames()  # type: ignore[union-attr]
             q, k = frames.q.normalized, frames.k.normalized
         q, k = rotary.rotate(q), rotary.rotate(k)
-        check_pattern(q, k, pattern, self.scale, reads["p"].dtype)
+        check_pattern(q, k, pattern, self.scale, reads["p"].dtype, mask=mask, outputs=outputs)
         self._check_heads(reads, v, pattern, mask, outputs)
         return section, q, k, v, pattern
+
+    def _check_projections(
+        self,
+        reads: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        outputs: torch.Tensor | None,
+    ) -> None:
+        """Refuse a batch whose raw q, k or v (before rotation and norms of q and k) is not
+        ``ln1(x) W + b`` (:meth:`~degen_hooks.attention.AttentionSection.check_projections`)."""
+        n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
+        roles = ("plain_q", "plain_k", "v") if "plain_q" in reads else ("q", "k", "v")
+        raw = tuple(heads(reads[role], n_heads, d_head).to(reads[role].dtype) for role in roles)
+        x_qk = None
+        if self.shortformer is not None:  # q and k read the input plus the position embeddings
+            x_qk = reads["x"].to(torch.float64) + reads["pos"].to(torch.float64)
+        self.check_projections(reads["x"], raw, mask, _HOOK_HINT, x_qk=x_qk, outputs=outputs)  # type: ignore[arg-type]
+
+    def _check_pattern(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        pattern: torch.Tensor,
+        mask: torch.Tensor | None,
+        dtype: torch.dtype,
+        outputs: torch.Tensor | None,
+    ) -> None:
+        """Refuse a batch whose pattern is not the softmax of ``q k^T / scale`` (plus the
+        ALiBi biases) over the keys each query sees, at the probed ``outputs`` (the rows the
+        closed form uses): a hook on the scores or the pattern changed it."""
+        bias = None
+        if self.alibi:
+            from transformer_lens.components import AbstractAttention
+
+            bias = AbstractAttention.create_alibi_bias(q.shape[2], q.shape[1], q.device)
+            bias = bias.to(torch.float64)
+        check_pattern(
+            q, k, pattern, self.scale, dtype, relative_tolerance(dtype), _HOOK_HINT,
+            mask=mask, causal=self.causal, bias=bias, outputs=outputs,
+        )  # fmt: skip
 
     def _check_heads(
         self,
@@ -208,7 +262,7 @@ class AttentionSection(_Core):
         z = torch.einsum("bhqk,bkhe->bqhe", pattern[:, :, rows], v)
         check = {"at": self.source, "hint": _HOOK_HINT}
         got = reads["z"].reshape(*v.shape[:1], -1, *v.shape[2:])[:, rows]
-        check_read("heads' outputs", z[real], got[real], size=float(v.abs().max()), **check)
+        check_read("heads' outputs", z[real], got[real], size=largest(v), **check)
         y = torch.einsum("bqhe,hed->bqd", z, self.w_o.to(z.device))
         if self.residual:
             y = y + reads["x"][:, rows].to(y.dtype)
@@ -299,6 +353,12 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
     # Grouped-query attention: a bridge keeps n_key_value_heads key/value weights, each
     # serving n_heads / n_key_value_heads consecutive query heads.
     w_k, w_v = (w.repeat_interleave(w_q.shape[0] // w.shape[0], dim=0) for w in (w_k, w_v))
+    model_biases = tuple(getattr(attn, f"b_{name}", None) for name in "QKV")
+    biases = projection_biases(  # float64_copy gathers FSDP2's DTensor shards whole
+        tuple(float64_copy(b) if isinstance(b, torch.Tensor) else None for b in model_biases),
+        (w_q, w_k, w_v),
+        _norm_bias(_unwrap(model)[0].blocks[index].ln1, cfg),
+    )
     gain = _norm_weight(model, index, cfg, "ln1")
     if gain is not None:  # q = (n * gain + bias) W_Q + b_Q: the gain scales W_Q's rows
         w_q, w_k, w_v = (w * gain.to(w)[None, :, None] for w in (w_q, w_k, w_v))
@@ -320,6 +380,9 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
             adjacent_pairs=bool(getattr(cfg, "rotary_adjacent_pairs", False)),
         )
         hooks = ("hook_rot_q", "hook_rot_k", "hook_v", "hook_pattern")
+    shortformer = None
+    if getattr(cfg, "positional_embedding_type", "standard") == "shortformer":
+        shortformer = "hook_pos_embed"
     return AttentionSection(
         w_q=w_q.clone(),
         w_k=w_k.clone(),
@@ -336,6 +399,12 @@ def attention_section(model: nn.Module, layer: int, *, residual: bool = True) ->
         rotates=rotates,
         rotary_tables=tables,
         qk_norm=qk_norm,
+        causal=getattr(cfg, "attention_dir", "causal") == "causal",
+        alibi=getattr(cfg, "positional_embedding_type", "standard") == "alibi",
+        shortformer=shortformer,
+        b_q=biases[0],
+        b_k=biases[1],
+        b_v=biases[2],
         b_o=_bias(attn),
     )
 

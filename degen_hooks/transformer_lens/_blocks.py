@@ -126,6 +126,8 @@ def block_mlp_section(model: nn.Module, layer: int, *, output: str) -> NormedMLP
         gated=gated,
         hidden=Site(hidden),
         hidden_bias=hidden_bias,
+        # hook_resid_post is x + hook_post W_out + b_out: checked each batch too.
+        out_bias=_tensor(mlp, "b_out") if output == "hook_resid_post" else None,
     )
 
 

@@ -12,11 +12,11 @@ from typing import Any
 from torch import nn
 
 from .._positions import same_positions
+from .._user_hooks import leave_hooked
 from ..sites import Site, _unwrap
 from ._attention import attention_section, attention_section_sites, unprefixed
 from ._blocks import block_mlp_section, mlp_output_section, unembed_section
-from ._mlp import mlp_section, mlp_section_sites
-from ._names import _NORMS, _cfg
+from ._names import _cfg
 
 _BLOCK = re.compile(
     r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|mlp\.hook_pre|mlp\.hook_post)$"
@@ -37,11 +37,10 @@ def find_sections(
     * ``blocks.L.hook_resid_pre -> blocks.L.hook_resid_mid`` (``hook_resid_post`` in
       attention-only models): :func:`~degen_hooks.transformer_lens.attention_section`, any
       positions on either side;
-    * ``blocks.L.hook_resid_mid -> blocks.L.hook_resid_post``: the residual MLP: without a
-      norm before a plain MLP :func:`~degen_hooks.transformer_lens.mlp_section` (derivative
-      moments at ``blocks.L.mlp.hook_pre``), else, after a LayerNorm/RMSNorm or gated
-      (SwiGLU, GeGLU), :func:`~degen_hooks.transformer_lens.block_mlp_section` (a forward
-      pass of its own);
+    * ``blocks.L.hook_resid_mid -> blocks.L.hook_resid_post``: the residual MLP, plain or
+      gated (SwiGLU, GeGLU), after a LayerNorm/RMSNorm or none:
+      :func:`~degen_hooks.transformer_lens.block_mlp_section` (a forward pass of its own,
+      which checks the model's ``mlp.hook_post`` and ``hook_resid_post`` each batch);
     * ``blocks.L.hook_resid_mid -> blocks.L.mlp.hook_pre`` / ``mlp.hook_post``: the norm and
       the input projection (and the activation);
     * ``blocks.L.mlp.hook_post -> blocks.L.hook_resid_post`` (and ``mlp.hook_pre`` of a plain
@@ -51,9 +50,12 @@ def find_sections(
       (:func:`~degen_hooks.transformer_lens.unembed_section`).
 
     Every pair but the attention's needs the same positions on both sides (the sections act
-    position by position). A pair the closed forms do not cover (attention with a norm of
-    the whole q and k projections, sites of different blocks, ...) is left out:
-    ``build_bases`` runs backward passes there.
+    position by position). A pair whose layer carries a hook of the user's (on ``attn``,
+    ``ln1``, ``mlp``, ``ln2``, ``hook_attn_out``, ``hook_mlp_out``, ``ln_final`` or
+    ``unembed``) is left out with a warning: the closed form cannot see what a hook does to
+    the Jacobian (``act.detach()`` keeps the values), backward passes follow it. A pair the
+    closed forms do not cover (attention with a norm of the whole q and k projections, sites
+    of different blocks, ...) is left out: ``build_bases`` runs backward passes there.
 
     Returns:
         ``{site key: (section, pre-activation site or None)}``, as ``build_bases(sections=)``
@@ -63,11 +65,30 @@ def find_sections(
     cfg = _cfg(model)
     found: dict[str, tuple[Any, Site | None]] = {}
     targets: list[Site | None] = [*sites[1:], output]
+    inner = _unwrap(model)[0]
     for site, target in zip(sites, targets, strict=True):
         section = _section_between(model, cfg, site, target, output_positions, prefix)
-        if section is not None:
-            found[site.key] = section
+        if section is None:
+            continue
+        pair = f"{site.key} -> {'the output' if target is None else target.key}"
+        if leave_hooked(inner, pair, _span(unprefixed(site, prefix), target is None)):
+            continue  # backward passes follow the user's hook
+        found[site.key] = section
     return found
+
+
+def _span(name: str, to_output: bool) -> list[str]:
+    """The modules between a site and the next one whose hooks the closed form cannot see."""
+    if to_output:
+        return ["ln_final", "unembed"]
+    match = _BLOCK.match(name)
+    if match is None:
+        return []
+    block, role = f"blocks.{match.group(1)}.", match.group(2)
+    if role == "hook_resid_pre":  # attention
+        parts = ["ln1", "attn", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"]
+        return [block + part for part in (*parts, "hook_attn_out")]
+    return [block + part for part in ("ln2", "mlp", "hook_mlp_in", "hook_mlp_out")]
 
 
 def _section_between(
@@ -103,13 +124,9 @@ def _section_between(
         if not same_positions(site.positions, target.positions):
             return None
         if role == "hook_resid_mid" and target_role == "hook_resid_post":
-            plain = getattr(cfg, "normalization_type", None) not in _NORMS and not getattr(
-                cfg, "gated_mlp", False
-            )
-            if not plain:
-                return block_mlp_section(model, layer, output="hook_resid_post"), None
-            _, pre, _ = mlp_section_sites(model, layer, residual=True)
-            return mlp_section(model, layer, residual=True), Site(pre)
+            # Normed, gated or plain: a pass of its own that checks the model's hidden
+            # activation and output (a hook there is refused, not ignored).
+            return block_mlp_section(model, layer, output="hook_resid_post"), None
         if role == "hook_resid_mid" and target_role in ("mlp.hook_pre", "mlp.hook_post"):
             return block_mlp_section(model, layer, output=target_role[4:]), None
         if role in ("mlp.hook_post", "mlp.hook_pre") and target_role == "hook_resid_post":

@@ -16,7 +16,7 @@ import torch
 import degen_hooks as dh
 from degen_hooks.transformer_lens import attention_section, attention_section_sites
 from tests.cases import tl_model
-from tests.reference import assert_spectrum_close
+from tests.reference import assert_same_bases, assert_spectrum_close
 
 from .conftest import (
     D_VOCAB,
@@ -116,11 +116,14 @@ def test_equals_jacrev_over_stacked_samples(build, tokens):
         {"attn_only": True},
         # TransformerLens 4's native bridge has no ALiBi: HookedTransformer only.
         pytest.param({"positional_embedding_type": "alibi"}, marks=requires_hooked),
+        pytest.param({"positional_embedding_type": "shortformer"}, marks=requires_hooked),
     ],
-    ids=["attn_only", "alibi"],
+    ids=["attn_only", "alibi", "shortformer"],
 )
 def test_attention_only_and_alibi_models(extra):
-    """Attention-only blocks map to hook_resid_post; ALiBi biases the scores by constants."""
+    """Attention-only blocks map to hook_resid_post; ALiBi biases the scores by constants;
+    shortformer position embeddings add constants to the input of q and k. Each batch's
+    checks of q, k, v and the pattern accept them."""
     tokens = torch.randint(0, D_VOCAB, (5, N_CTX), generator=torch.Generator().manual_seed(5))
     model = tl_model(**{**toy_config(), "n_layers": 1, **extra})
     source, target = attention_section_sites(model, 0)
@@ -380,27 +383,58 @@ def test_model_untouched_and_hooks_removed(plain_model, tokens):
         assert torch.equal(model(tokens), expected)
 
 
-@pytest.mark.parametrize("hook", ["attn.hook_z", "hook_attn_out"])
+ATTENTION_HOOKS = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
+                   "attn.hook_pattern", "attn.hook_z", "hook_attn_out"]  # fmt: skip
+
+
+@pytest.mark.parametrize("hook", ATTENTION_HOOKS)
 def test_a_hook_that_changes_the_heads_is_refused_not_ignored(plain_model, tokens, hook):
-    """A head ablation at ``hook_z`` or a patch of ``hook_attn_out`` makes the model differ
-    from the section's W_O: the Gram pass refuses the batch instead of returning the
-    unhooked model's Jacobians (the pattern, q, k and v it reads are the model's own)."""
+    """A hook anywhere in the layer (steering q, k or v, editing scores or the pattern, a
+    head ablation at ``hook_z``, a patch of ``hook_attn_out``) makes the model differ from
+    the section's weights: the section's Gram pass refuses the batch instead of returning
+    the unhooked model's Jacobians (it reads q, k, v and the pattern after the hooks, so each
+    is checked against what the weights make of its input); ``build_bases`` and the graph,
+    finding sections themselves, leave the hooked layer to backward passes, which follow
+    the hook, and say so."""
+    from degen_hooks.graph import InteractionGraph
+
     model = plain_model
     section = attention_section(model, 0)
     site, out = (dh.Site(name) for name in attention_section_sites(model, 0))
-    section.gram_pass(model, [tokens], site, out, progress=False)  # unhooked: accepted
+    unhooked = section.gram_pass(model, [tokens], site, out, progress=False)  # accepted
+    basis = dh.build_bases(model, [site, out], [tokens], progress=False)
+    assert InteractionGraph().fit(model, basis, [tokens], progress=False).closed_form_
 
-    def ablate(act, hook):  # zero head 1 (hook_z) or scale the output
+    def ablate(act, hook):  # zero head 1 (or query 1 of the pattern), or scale the output
         if act.ndim == 4:
             act = act.clone()
             act[:, :, 1] = 0
             return act
         return act * (1 + act.detach().abs().mean())
 
+    with torch.no_grad():
+        before = model(tokens)
     model.add_hook(f"blocks.0.{hook}", ablate)
     try:
+        with torch.no_grad():
+            changed = not torch.equal(model(tokens), before)
+        if not changed:  # an edit the model never uses (a bridge's scores and pattern)
+            try:  # refusing is safe; accepting must give the unhooked model's Gram
+                hooked = section.gram_pass(model, [tokens], site, out, progress=False)
+            except ValueError:
+                return
+            torch.testing.assert_close(hooked.second_moment(), unhooked.second_moment())
+            return
         with pytest.raises(ValueError, match=r"differs from the closed form.*hook"):
             section.gram_pass(model, [tokens], site, out, progress=False)
+        # Finding its sections itself, a build leaves the hooked layer to backward passes.
+        with pytest.warns(UserWarning, match="hook of yours"):
+            auto = dh.build_bases(model, [site, out], [tokens], progress=False)
+        slow = dh.build_bases(model, [site, out], [tokens], sections=None, progress=False)
+        assert_same_bases(auto, slow)
+        with pytest.warns(UserWarning, match="hook of yours"):
+            graph = InteractionGraph().fit(model, basis, [tokens], progress=False)
+        assert graph.closed_form_ == []
     finally:
         model.reset_hooks()
 

@@ -247,20 +247,76 @@ def test_grouped_query_attention_edges_equal_backward_passes(family, tokens):
         )
 
 
+def assert_same_edges(graph, expected):
+    for pair in graph.pairs_:
+        want = expected.edges_[pair]
+        torch.testing.assert_close(
+            graph.edges_[pair], want, rtol=1e-10, atol=1e-14 * float(want.max())
+        )
+
+
 @pytest.mark.parametrize("family", list(BUILDERS))
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
-def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, architecture, tokens):
-    """A hook on ``mlp.hook_post`` (steering, ablation) makes the model differ from the
-    section's weights: the Gram pass refuses the batch instead of returning the unhooked
-    model's Jacobians; without the hook the check passes (hook_post is the section's h, plus
-    b_in after a gated product)."""
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "plain"])
+@pytest.mark.parametrize("hook", ["mlp.hook_post", "hook_mlp_out"])
+def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, architecture, hook, tokens):
+    """A hook of the user's (steering, ablation, patching) on the MLP's hidden activation or
+    on its output makes the model differ from the section's weights. The section given by
+    hand (``find_sections``' own, a plain MLP's too) refuses the batch instead of returning
+    the unhooked model's Jacobians (without the hook the checks pass: hook_post is the
+    section's h, plus b_in after a gated product; hook_resid_post x + h W_out + b_out);
+    ``build_bases`` and the graph, finding sections themselves, leave the hooked pair to
+    backward passes, which follow the hook, and say so."""
+    from degen_hooks.graph import InteractionGraph
+
     model = build(family, architecture)
-    section = block_mlp_section(model, 1, output="hook_resid_post")
     site, target = dh.Site("blocks.1.hook_resid_mid"), dh.Site("blocks.1.hook_resid_post")
+    section, pre = find_sections(model, [site, target])[site.key]
+    data = list(tokens.split(4))
+    assert pre is None  # the section runs (and checks) a pass of its own
     gram(section, model, tokens, site, target, None)  # unhooked: accepted
-    model.add_hook("blocks.1.mlp.hook_post", lambda act, hook: act * 1.5)
+    basis = dh.build_bases(model, [site, target], data, progress=False)
+    unhooked = InteractionGraph().fit(model, basis, data, progress=False)
+    assert unhooked.closed_form_ == unhooked.pairs_
+    model.add_hook(f"blocks.1.{hook}", lambda act, hook: act * 1.5)
     try:
-        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
+        with pytest.raises(ValueError, match=r"(hidden activation|output).*differs.*hook"):
             gram(section, model, tokens, site, target, None)
+        assert_follows_the_hook(model, [site, target], data, basis)
+    finally:
+        model.reset_hooks()
+
+
+def assert_follows_the_hook(model, sites, data, basis, warned=True):
+    """``sections="auto"`` leaves the hooked pair to backward passes (with a warning): the
+    bases and edges equal those of ``sections=None``."""
+    from degen_hooks.graph import InteractionGraph
+
+    expect = (
+        pytest.warns(UserWarning, match="hook of yours") if warned else warnings.catch_warnings()
+    )
+    with expect:
+        auto = dh.build_bases(model, sites, data, progress=False)
+    assert not any(label.endswith("(closed form)") for label in auto.timings_ if "mid" in label)
+    assert_same_bases(auto, dh.build_bases(model, sites, data, sections=None, progress=False))
+    with pytest.warns(UserWarning, match="hook of yours"):
+        graph = InteractionGraph().fit(model, basis, data, progress=False)
+    assert graph.closed_form_ == []
+    assert_same_edges(
+        graph, InteractionGraph().fit(model, basis, data, sections=None, progress=False)
+    )
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_a_hook_that_keeps_values_but_cuts_the_gradient_is_followed(family, tokens):
+    """``act.detach()`` on the norm's scale (a frozen LayerNorm) leaves every value as it was,
+    so no check of values sees it, but it changes the Jacobian: ``sections="auto"`` sees the
+    hook itself and leaves the pair to backward passes, which follow it."""
+    model = build(family, "gpt2")
+    sites = [dh.Site("blocks.1.hook_resid_mid"), dh.Site("blocks.1.hook_resid_post")]
+    data = list(tokens.split(4))
+    basis = dh.build_bases(model, sites, data, progress=False)
+    model.add_hook("blocks.1.ln2.hook_scale", lambda act, hook: act.detach())
+    try:
+        assert_follows_the_hook(model, sites, data, basis)
     finally:
         model.reset_hooks()

@@ -183,8 +183,9 @@ def test_qk_normed_rotary_attention(batches):
     [
         {"attn_only": True},
         pytest.param({"positional_embedding_type": "alibi"}, marks=requires_hooked),
+        pytest.param({"positional_embedding_type": "shortformer"}, marks=requires_hooked),
     ],
-    ids=["attn_only", "alibi"],
+    ids=["attn_only", "alibi", "shortformer"],
 )
 def test_attention_only_and_alibi(batches, extra):
     model = tl_model(**{**toy_config(), "n_layers": 1, **extra})

@@ -357,26 +357,96 @@ def test_closed_forms_on_two_fsdp2_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, tokens):
-    """A hook of the user's (steering, ablation) that changes the MLP's hidden activation
+def test_library_hooks_are_not_the_users(family, tokens):
+    """transformers installs hooks of its own on the layers and attention once a forward
+    asks for hidden states (recording only): the closed forms stay, with no warning."""
+    import warnings
+
+    model = float64_norms(build(family))
+    with torch.no_grad():
+        model(input_ids=tokens, output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in model.modules())  # transformers' output capturing
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid", "resid_post"], layers=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        found = find_sections(model, sites)
+    assert set(found) == {site.key for site in sites}  # the last one to the logits
+
+
+ATTENTION_HOOKS = {
+    "gpt2": ["ln_1", "attn.c_attn"],
+    "llama": ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "module"),
+    [(family, module) for family, modules in ATTENTION_HOOKS.items() for module in modules],
+)
+def test_a_hook_that_changes_q_k_or_v_is_refused_not_ignored(family, module, tokens):
+    """A hook of the user's on the norm before attention or on a projection (steering q, k
+    or v) changes what the section differentiates as ``norm(x) W + b``: the Gram pass and
+    the edges refuse the batch instead of returning the unhooked model's Jacobians."""
+
+    model = float64_norms(build(family))
+    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[1], positions="last")
+    section, _ = find_sections(model, sites)[sites[0].key]
+    run = {"forward": hf.forward, "progress": False}
+    basis = dh.build_bases(model, sites, [tokens], **run)  # unhooked: fine
+    layer = model.get_submodule(hf.decoder_layers(model)[1])
+    hook = layer.get_submodule(module).register_forward_hook(lambda m, a, out: out * 1.5)
+    refused = r"differs from the closed form.*hook"
+    try:
+        with pytest.raises(ValueError, match=refused):
+            section.gram_pass(model, [tokens], sites[0], sites[1], **run)
+        assert_follows_the_hook(model, sites, tokens, basis)
+    finally:
+        hook.remove()
+
+
+def assert_follows_the_hook(model, sites, tokens, basis):
+    """Finding sections themselves, ``build_bases`` and the graph leave the hooked pair to
+    backward passes (with a warning), which follow the hook."""
+    from degen_hooks.graph import InteractionGraph
+
+    run = {"forward": hf.forward, "progress": False}
+    with pytest.warns(UserWarning, match="hook of yours"):
+        auto = dh.build_bases(model, sites, [tokens], **run)
+    assert_same_bases(auto, dh.build_bases(model, sites, [tokens], sections=None, **run))
+    with pytest.warns(UserWarning, match="hook of yours"):
+        graph = InteractionGraph().fit(model, basis, [tokens], **run)
+    assert graph.closed_form_ == []
+    backward = InteractionGraph().fit(model, basis, [tokens], sections=None, **run)
+    for pair in graph.pairs_:
+        want = backward.edges_[pair]
+        torch.testing.assert_close(
+            graph.edges_[pair], want, rtol=1e-10, atol=1e-14 * float(want.max())
+        )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("where", ["hidden", "output"])
+def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, where, tokens):
+    """A hook of the user's (steering, ablation, patching) that changes the MLP's hidden
+    activation (a pre-hook on the down projection) or its output (a hook on the MLP module)
     makes the model differ from the section's weights: the Gram pass and the edges refuse
     the batch instead of returning the unhooked model's Jacobians."""
-    from degen_hooks.graph import InteractionGraph
 
     model = float64_norms(build(family))
     sites = hf.decoder_sites(model, ["resid_mid", "resid_post"], layers=[1], positions="last")
     section, _ = find_sections(model, sites)[sites[0].key]
     run = {"forward": hf.forward, "progress": False}
     basis = dh.build_bases(model, sites, [tokens], **run)  # unhooked: fine
-    down = "mlp.c_proj" if family == "gpt2" else "mlp.down_proj"
     layer = model.get_submodule(hf.decoder_layers(model)[1])
-    handle = layer.get_submodule(down).register_forward_pre_hook(lambda m, a: (a[0] * 1.5,))
+    if where == "hidden":
+        down = layer.get_submodule("mlp.c_proj" if family == "gpt2" else "mlp.down_proj")
+        handle = down.register_forward_pre_hook(lambda m, a: (a[0] * 1.5,))
+    else:
+        handle = layer.get_submodule("mlp").register_forward_hook(lambda m, a, out: out * 1.5)
+    refused = r"(hidden activation|output).*differs.*hook"
     try:
-        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
+        with pytest.raises(ValueError, match=refused):
             section.gram_pass(model, [tokens], sites[0], sites[1], **run)
-        with pytest.raises(ValueError, match=r"hidden activation.*differs.*hook"):
-            InteractionGraph().fit(model, basis, [tokens], **run)
-        graph = InteractionGraph().fit(model, basis, [tokens], sections=None, **run)
-        assert graph.closed_form_ == []  # backward passes follow the hook
+        assert_follows_the_hook(model, sites, tokens, basis)
     finally:
         handle.remove()

@@ -31,13 +31,15 @@ def test_finds_every_section_of_a_model_without_norms(build, family):
     found = find_sections(model, residual_sites())
     assert kinds(found) == {
         "blocks.0.hook_resid_pre": "AttentionSection",
-        "blocks.0.hook_resid_mid": "MLPSection",
+        # The plain MLP: a pass of its own, which checks hook_post and hook_resid_post
+        "blocks.0.hook_resid_mid": "NormedMLPSection",
         # blocks.0.hook_resid_post -> blocks.1.hook_resid_pre is the identity: no section
         "blocks.1.hook_resid_pre": "AttentionSection",
-        "blocks.1.hook_resid_mid": "MLPSection",
+        "blocks.1.hook_resid_mid": "NormedMLPSection",
         "blocks.1.hook_resid_post": "MLPSection",  # the unembedding, linear
     }
-    assert found["blocks.1.hook_resid_mid"][1].name == "blocks.1.mlp.hook_pre"
+    mlp, pre = found["blocks.1.hook_resid_mid"]
+    assert (mlp.norm, pre, mlp.hidden.name) == (None, None, "blocks.1.mlp.hook_post")
     assert found["blocks.1.hook_resid_post"][0].is_linear
 
 

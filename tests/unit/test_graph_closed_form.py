@@ -66,6 +66,36 @@ def test_sequential_mlp_sections_equal_backward_passes(rule, variant):
     ]
 
 
+@pytest.mark.parametrize(
+    "hook",
+    [lambda m, a, out: out * (out > 0.5), lambda m, a, out: out.detach() / 2 + out / 2],
+    ids=["ablation", "half-detached"],
+)
+def test_a_hook_on_an_mlp_is_followed_not_ignored(hook):
+    """A forward hook of the user's on a module of an ``nn.Sequential`` MLP (an ablation of
+    small activations, or half of the output detached, which keeps every value but halves
+    the gradient): the
+    closed form cannot see what it does to the Jacobian, so ``build_bases`` and the graph
+    leave that pair to backward passes, which follow it, and say so; the other pairs keep
+    their closed forms. Before, both silently returned the unhooked model's Jacobians."""
+    model, x = relu_mlp(seed=0), inputs(120, 5, seed=1)
+    data = x.split(40)
+    basis = dh.build_bases(model, ["1", "3"], data, progress=False)
+    handle = model[2].register_forward_hook(hook)  # the Linear between the two sites
+    try:
+        with pytest.warns(UserWarning, match=r"1 -> 3: a hook of yours on \['2'\]"):
+            auto = dh.build_bases(model, ["1", "3"], data, progress=False)
+        assert "jacobians 1 (closed form)" not in auto.timings_
+        slow = dh.build_bases(model, ["1", "3"], data, sections=None, progress=False)
+        for key in slow.sites_:
+            torch.testing.assert_close(auto.lambdas_[key], slow.lambdas_[key], rtol=1e-10, atol=0)
+        with pytest.warns(UserWarning, match="hook of yours"):
+            graph = assert_same_graph(model, basis, data, {}, output=True, progress=False)
+        assert graph.closed_form_ == [("3", "output")]
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
 def test_gelu_and_deep_linear_sections(rule):
     model, x = gelu_mlp(seed=3), inputs(90, 5, seed=4)

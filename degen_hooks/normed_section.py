@@ -326,12 +326,14 @@ class NormedMLPSection(NormedEdges):
             return
         f64 = torch.float64
         directions = random_directions(self.d_out, x.device)
-        on = self.w_out.to(x.device, f64).T @ directions  # (d_mlp, 2)
+        w_out = self.w_out.to(x.device, f64)
+        on = w_out.T @ directions  # (d_mlp, 2)
         dtype, h, y = y.dtype, h.to(f64), y.to(f64)
-        # |sum_i a_i w_i| <= max|a| sum|w|: the rounding of either side is below eps times it
+        # Either side's rounding is below eps sum_ik |h_k W_ik dir_i| <= eps max|h| (|W| |dir|)
         one_norm = float(directions.abs().sum(0).max())
         expected = h @ on
-        size = largest(h) * float(on.abs().sum(0).max()) + largest(y) * one_norm
+        bound = (w_out.abs().T @ directions.abs()).sum(0).max()
+        size = largest(h) * float(bound) + largest(y) * one_norm
         if self.out_bias is not None:
             shift = self.out_bias.to(x.device, f64) @ directions
             expected += shift

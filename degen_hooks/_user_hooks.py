@@ -5,7 +5,7 @@ input and its output (steering, ablation, patching, or one that keeps the values
 gradient, ``act.detach()``) changes the model's Jacobian in a way no weight shows; backward
 passes follow it. So the finders of closed forms (``find_sections`` of each family,
 :func:`~degen_hooks.closed_form.find_mlp_sections`) leave out a pair whose span carries a
-hook, and say so once. The checks of each batch (a section's reads against its weights)
+hook, and warn. The checks of each batch (a section's reads against its weights)
 remain for the rest: hooks added later, patched ``forward`` methods, sections passed by hand.
 
 degen_hooks' own hooks (a ``collect`` run around the call) and the libraries' bookkeeping

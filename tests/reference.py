@@ -66,6 +66,15 @@ def assert_same_bases(got: Any, want: Any) -> None:
         torch.testing.assert_close(got.projector(key), want.projector(key), rtol=0, atol=1e-7)
 
 
+def assert_same_edges(got: Any, want: Any) -> None:
+    """Two fitted interaction graphs agree pair by pair: edges at rtol 1e-10 (float64)."""
+    for pair in want.pairs_:
+        expected = want.edges_[pair]
+        torch.testing.assert_close(
+            got.edges_[pair], expected, rtol=1e-10, atol=1e-14 * float(expected.max())
+        )
+
+
 def _first_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value

@@ -344,17 +344,7 @@ class AttentionEdges:
             left = left * scale[:, :, None, None]
             heads = heads * scale[:, :, None, None]
 
-        def form(sub: slice) -> torch.Tensor:
-            a, b_ = left[sub], right[sub]
-            n_rows, n_block = a.shape[:2]
-            out = torch.bmm(a.reshape(-1, *a.shape[2:]), b_.reshape(-1, *b_.shape[2:]))
-            out = out.view(n_rows, n_block, *out.shape[1:])
-            part = heads[sub]
-            for head in range(len(values)):
-                out.addcmul_(part[:, :, head, None, :], values[head])
-            return out
-
-        return form
+        return lambda sub: _formed(left[sub], right[sub], heads[sub], values)
 
     def _direct_pieces(
         self,
@@ -425,11 +415,8 @@ class AttentionEdges:
           ``l``), ``query = W_Q^h k_hl / scale`` (rotated back to ``p``; with norms of q and
           k, ``qk`` their frames, both then through the norm's ``P (gamma * .)``).
         """
-        lhs, rhs, heads = self._direct_pieces(q, k, v, pattern, wor, spread, at_output, outputs, qk)
-        attribution = lhs @ rhs
-        for head in range(len(values)):
-            attribution.addcmul_(heads[:, :, head, None, :], values[head])
-        return attribution
+        pieces = self._direct_pieces(q, k, v, pattern, wor, spread, at_output, outputs, qk)
+        return _formed(*pieces, values)
 
     def _rows_attributions(
         self,
@@ -455,3 +442,14 @@ class AttentionEdges:
         if readin is not None:
             rows = rows @ readin.T
         return torch.einsum("bpkij,bkj->bpij", rows, f)
+
+
+def _formed(
+    lhs: torch.Tensor, rhs: torch.Tensor, heads: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """The attributions ``lhs @ rhs + sum_h heads[:, :, h, None] * values[h]``
+    (:meth:`AttentionEdges._direct_pieces`), ``(b, P, r', r)``."""
+    attribution = lhs @ rhs
+    for head in range(len(values)):
+        attribution.addcmul_(heads[:, :, head, None, :], values[head])
+    return attribution

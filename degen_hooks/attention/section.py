@@ -42,10 +42,10 @@ section's.
 
 Every term above is differentiated as the weights say, while q, k, v and the pattern are
 read after the model's hooks: ``_read`` therefore checks each batch against the weights
-(:meth:`AttentionSection.check_projections`: raw q, k and v against ``norm(x) W + b``; the
-pattern against the softmax of q and k, :func:`~degen_hooks.attention.rotary.check_pattern`,
-where it is read; the heads' outputs and the output, :func:`check_read`), so that a hook
-that steers, ablates or patches inside the layer is refused rather than left out.
+(:mod:`._checks`: raw q, k and v against ``norm(x) W + b``; the pattern against the softmax
+of q and k, :func:`~degen_hooks.attention.rotary.check_pattern`, where it is read; the
+heads' outputs and the output), so that a hook that steers, ablates or patches inside the
+layer is refused rather than left out.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import largest, random_directions, relative_tolerance
 from .._errors import ShapeMismatchError
 from .._positions import padding_mask, position_weights
 from .._read_pass import SiteReader
 from ..accumulators import SecondMoment
 from ..sites import Site
+from ._checks import AttentionChecks, check_read, projection_biases
 from ._edges import AttentionEdges
 from ._gram import accumulate
 from .qk_norm import Frames, QKNorm
@@ -85,72 +85,8 @@ def heads(act: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
     return act
 
 
-def projection_biases(
-    biases: tuple[torch.Tensor | None, ...],
-    weights: tuple[torch.Tensor, ...],
-    beta: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """The biases of q, k and v as a section holds them (``b_q``, ``b_k``, ``b_v``).
-
-    Args:
-        biases: The model's, each ``(n_heads or n_key_value_heads, d_head)`` or ``None``.
-        weights: ``W_Q``, ``W_K``, ``W_V`` as ``(n_heads, d_in, d_head)`` before a norm's gain
-            is folded in (key and value heads already repeated).
-        beta: The bias of the norm before attention (a LayerNorm's), or ``None``.
-
-    Returns:
-        ``(n_heads, d_head)`` float64 tensors, grouped-query heads repeated and ``beta W``
-        added (``q = (n gain + beta) W + b``), ``None`` for zero.
-    """
-    out = []
-    for bias, weight in zip(biases, weights, strict=True):
-        if bias is not None:
-            bias = bias.to(torch.float64)
-            bias = bias.repeat_interleave(weight.shape[0] // bias.shape[0], dim=0)
-        if beta is not None:
-            shift = torch.einsum("d,hde->he", beta.to(weight), weight)
-            bias = shift if bias is None else bias + shift
-        out.append(bias)
-    return tuple(out)
-
-
-def check_read(
-    what: str,
-    expected: torch.Tensor,
-    got: torch.Tensor,
-    at: str,
-    hint: str,
-    *,
-    size: float | None = None,
-    float32_norms: bool = False,
-    dtype: torch.dtype | None = None,
-    float64: float = 1e-9,
-) -> None:
-    """Refuse a batch where the model's ``got`` is not the closed form's ``expected``.
-
-    Compared relative to ``size`` (default: the largest ``expected``) at the tolerance of
-    the dtype the model computed ``got`` in (``dtype``, default ``got``'s: ``float64`` for
-    float64; float32's for a float64 model whose ``float32_norms`` round through float32).
-
-    Raises:
-        ValueError: If they differ by more than rounding, with ``hint`` (what to do).
-    """
-    if expected.numel() == 0:  # a batch of padding only
-        return
-    if size is None:
-        size = largest(expected)
-    error = largest(expected - got.to(torch.float64))
-    dtype = got.dtype if dtype is None else dtype
-    tolerance = relative_tolerance(dtype, 1e-4 if float32_norms else float64) * max(size, 1e-30)
-    if not error <= tolerance:
-        raise ValueError(
-            f"The attention of {at!r} differs from the closed form's: its {what} by {error:.3g} "
-            f"(scale {size:.3g}, tolerance {tolerance:.2g}): {hint}"
-        )
-
-
 @dataclass
-class AttentionSection(AttentionEdges):
+class AttentionSection(AttentionEdges, AttentionChecks):
     """One attention layer as a closed-form section (the interface of :mod:`degen_hooks.section`).
 
     Weights use the TransformerLens layout, in float64. A model family builds a subclass
@@ -218,83 +154,6 @@ class AttentionSection(AttentionEdges):
         those keys), or ``None``; ``outputs``: the output positions the batch probes (a
         family may check its reads there only), ``None`` for all."""
         raise NotImplementedError
-
-    def check_projections(
-        self,
-        x: torch.Tensor,
-        raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        hint: str,
-        *,
-        x_qk: torch.Tensor | None = None,
-        outputs: torch.Tensor | None = None,
-    ) -> None:
-        """Refuse a batch whose q, k or v is not what the section's weights make of its input.
-
-        The section reads q, k and v after the model's hooks and differentiates them as
-        ``norm(x) W + b``: a hook that steers, scales or patches them (or a norm's output)
-        would leave the Jacobians of the unhooked model. Each is compared on two fixed
-        random directions of each head (:func:`~degen_hooks._checks.random_directions`: a
-        change of a head's vector moves its projections but for a set of measure zero), at
-        a tolerance bounded by the largest terms.
-
-        Args:
-            x: The section's input ``(b, pos, d_in)``, as read (every position).
-            raw: The model's q, k and v before any rotation or norm of q and k, each
-                ``(b, pos, n_heads, d_head)`` in the model's dtype (key and value heads
-                repeated for grouped-query attention, as :func:`heads` gives them).
-            mask: ``(b, pos)`` real tokens (the rest is not checked), or ``None``.
-            hint: What to do instead, for the message. After a norm, float64 reads are
-                compared at ``1e-6`` (transformers' and a bridge's RMSNorms take their
-                variance in float32 whatever the dtype), else at ``1e-9``.
-            x_qk: The input of q and k where it is not ``x`` (shortformer position
-                embeddings added), or ``None``.
-            outputs: The query positions the closed form uses (q is checked there only; k
-                and v at every position), ``None`` for all.
-
-        Raises:
-            ValueError: If one differs by more than rounding.
-        """
-        f64 = torch.float64
-        rows = slice(None) if outputs is None else outputs.to(x.device)
-        normed = self._normalized(x.to(f64))
-        normed_qk = normed if x_qk is None else self._normalized(x_qk.to(f64))
-        d_in, device = normed.shape[-1], normed.device
-        directions = random_directions(self.w_q.shape[2], device)
-        real = None if mask is None else mask.to(device)
-        loose = 1e-9 if self.norm is None else 1e-6
-        sizes = {id(normed): largest(normed)}
-        sizes[id(normed_qk)] = sizes.get(id(normed_qk)) or largest(normed_qk)
-        inputs = (normed_qk, normed_qk, normed)
-        projections = (self.w_q, self.w_k, self.w_v)
-        biases = (self.b_q, self.b_k, self.b_v)
-        for name, got, given, weight, bias in zip(
-            "qkv", raw, inputs, projections, biases, strict=True
-        ):
-            weight = weight.to(device, f64)
-            on = torch.einsum("hde,em->dhm", weight, directions).reshape(d_in, -1)
-            # Either side's rounding is below eps sum_de |a_d W_de dir_e| <= eps max|a| (|W| |dir|)
-            size = sizes[id(given)] * float(
-                torch.einsum("hde,em->hm", weight.abs(), directions.abs()).max()
-            )
-            projected = (got.reshape(-1, got.shape[-1]).to(f64) @ directions).view(
-                *got.shape[:2], -1
-            )
-            seen = real
-            if name == "q":  # queries: the probed rows only
-                given, projected = given[:, rows], projected[:, rows]
-                seen = None if real is None else real[:, rows]
-            expected = (given.reshape(-1, d_in) @ on).view(projected.shape)
-            if bias is not None:
-                shift = (bias.to(device, f64) @ directions).reshape(-1)
-                expected += shift
-                size += largest(shift)
-            if seen is not None:
-                expected, projected = expected[seen], projected[seen]
-            check_read(
-                f"{name} (on random directions of each head)", expected, projected,
-                self.source, hint, size=size, dtype=got.dtype, float64=loose,
-            )  # fmt: skip
 
     def edge_reads(self, site: Site, target: Site | None) -> dict[str, Site]:
         """What one forward pass reads for :meth:`gram_pass` and :meth:`edge_batch`, by role:

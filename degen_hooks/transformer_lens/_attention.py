@@ -25,9 +25,10 @@ from .._checks import largest, relative_tolerance
 from .._errors import ShapeMismatchError
 from .._weights import float64_copy
 from ..attention import AttentionSection as _Core
+from ..attention._checks import check_read, projection_biases
 from ..attention.qk_norm import QKNorm
 from ..attention.rotary import Rotary, check_pattern, passed_rotary
-from ..attention.section import check_read, heads, projection_biases
+from ..attention.section import heads
 from ..sites import Site, _unwrap
 from ._blocks import _norm_bias
 from ._mlp import _norm_weight
@@ -178,18 +179,20 @@ class AttentionSection(_Core):
         n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
         q, k, v = (heads(reads[role], n_heads, d_head) for role in "qkv")
         pattern = reads["p"].to(torch.float64)
-        self._check_projections(reads, mask, outputs)
+        raw_q, raw_k = q, k  # before the rotation (and norms) a HookedTransformer applies
+        if "plain_q" in reads:
+            raw_q, raw_k = (heads(reads[role], n_heads, d_head) for role in ("plain_q", "plain_k"))
+        self._check_projections(reads, (raw_q, raw_k, v), mask, outputs)
         if not self.rotates:
             section: _Core = self
             if self.qk_norm is not None:  # norm the raw q and k: both checked below
-                raw = (heads(reads[role], n_heads, d_head) for role in ("plain_q", "plain_k"))
-                section = replace(self, qk_norm=self.qk_norm.of_batch(*raw))
+                section = replace(self, qk_norm=self.qk_norm.of_batch(raw_q, raw_k))
                 frames = section.qk_norm.frames()  # type: ignore[union-attr]
                 self._check_positions(q, frames.q.normalized, mask)
                 self._check_positions(k, frames.k.normalized, mask)
             elif self.rotary is not None:
-                self._check_positions(q, heads(reads["plain_q"], n_heads, d_head), mask)
-                self._check_positions(k, heads(reads["plain_k"], n_heads, d_head), mask)
+                self._check_positions(q, raw_q, mask)
+                self._check_positions(k, raw_k, mask)
             self._check_pattern(q, k, pattern, mask, reads["p"].dtype, outputs)
             self._check_heads(reads, v, pattern, mask, outputs)
             return section, q, k, v, pattern
@@ -210,18 +213,18 @@ class AttentionSection(_Core):
     def _check_projections(
         self,
         reads: dict[str, torch.Tensor],
+        raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         outputs: torch.Tensor | None,
     ) -> None:
-        """Refuse a batch whose raw q, k or v (before rotation and norms of q and k) is not
-        ``ln1(x) W + b`` (:meth:`~degen_hooks.attention.AttentionSection.check_projections`)."""
-        n_heads, d_head = self.w_q.shape[0], self.w_q.shape[2]
-        roles = ("plain_q", "plain_k", "v") if "plain_q" in reads else ("q", "k", "v")
-        raw = tuple(heads(reads[role], n_heads, d_head).to(reads[role].dtype) for role in roles)
+        """Refuse a batch whose raw q, k or v (before rotation and norms of q and k, float64
+        heads) is not ``ln1(x) W + b``
+        (:meth:`~degen_hooks.attention._checks.AttentionChecks.check_projections`)."""
         x_qk = None
         if self.shortformer is not None:  # q and k read the input plus the position embeddings
             x_qk = reads["x"].to(torch.float64) + reads["pos"].to(torch.float64)
-        self.check_projections(reads["x"], raw, mask, _HOOK_HINT, x_qk=x_qk, outputs=outputs)  # type: ignore[arg-type]
+        dtype = reads["v"].dtype
+        self.check_projections(reads["x"], raw, dtype, mask, _HOOK_HINT, x_qk=x_qk, outputs=outputs)
 
     def _check_pattern(
         self,

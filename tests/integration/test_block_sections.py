@@ -22,7 +22,7 @@ from degen_hooks.transformer_lens import (
     mlp_output_section,
     unembed_section,
 )
-from tests.reference import assert_same_bases
+from tests.reference import assert_same_bases, assert_same_edges
 
 from .conftest import BUILDERS, D_VOCAB, N_CTX, perturbed, toy_config
 
@@ -244,14 +244,6 @@ def test_grouped_query_attention_edges_equal_backward_passes(family, tokens):
         expected = backward.edges_[pair]
         torch.testing.assert_close(
             closed.edges_[pair], expected, rtol=1e-10, atol=1e-14 * float(expected.max())
-        )
-
-
-def assert_same_edges(graph, expected):
-    for pair in graph.pairs_:
-        want = expected.edges_[pair]
-        torch.testing.assert_close(
-            graph.edges_[pair], want, rtol=1e-10, atol=1e-14 * float(want.max())
         )
 
 

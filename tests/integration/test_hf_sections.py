@@ -13,7 +13,7 @@ import torch
 import degen_hooks as dh
 from degen_hooks.families import hf
 from degen_hooks.families.transformers import find_sections
-from tests.reference import assert_same_bases
+from tests.reference import assert_same_bases, assert_same_edges
 
 from .test_hf import build
 
@@ -388,20 +388,27 @@ def test_a_hook_that_changes_q_k_or_v_is_refused_not_ignored(family, module, tok
     or v) changes what the section differentiates as ``norm(x) W + b``: the Gram pass and
     the edges refuse the batch instead of returning the unhooked model's Jacobians."""
 
-    model = float64_norms(build(family))
-    sites = hf.decoder_sites(model, ["resid_pre", "resid_mid"], layers=[1], positions="last")
-    section, _ = find_sections(model, sites)[sites[0].key]
-    run = {"forward": hf.forward, "progress": False}
-    basis = dh.build_bases(model, sites, [tokens], **run)  # unhooked: fine
-    layer = model.get_submodule(hf.decoder_layers(model)[1])
+    model, sites, section, basis, layer = unhooked_case(family, ["resid_pre", "resid_mid"], tokens)
     hook = layer.get_submodule(module).register_forward_hook(lambda m, a, out: out * 1.5)
     refused = r"differs from the closed form.*hook"
     try:
         with pytest.raises(ValueError, match=refused):
-            section.gram_pass(model, [tokens], sites[0], sites[1], **run)
+            section.gram_pass(model, [tokens], sites[0], sites[1], **RUN)
         assert_follows_the_hook(model, sites, tokens, basis)
     finally:
         hook.remove()
+
+
+RUN = {"forward": hf.forward, "progress": False}
+
+
+def unhooked_case(family, kinds, tokens):
+    """``(model, sites, section of the first pair, basis, layer 1)``, built without hooks."""
+    model = float64_norms(build(family))
+    sites = hf.decoder_sites(model, kinds, layers=[1], positions="last")
+    section, _ = find_sections(model, sites)[sites[0].key]
+    basis = dh.build_bases(model, sites, [tokens], **RUN)
+    return model, sites, section, basis, model.get_submodule(hf.decoder_layers(model)[1])
 
 
 def assert_follows_the_hook(model, sites, tokens, basis):
@@ -409,19 +416,13 @@ def assert_follows_the_hook(model, sites, tokens, basis):
     backward passes (with a warning), which follow the hook."""
     from degen_hooks.graph import InteractionGraph
 
-    run = {"forward": hf.forward, "progress": False}
     with pytest.warns(UserWarning, match="hook of yours"):
-        auto = dh.build_bases(model, sites, [tokens], **run)
-    assert_same_bases(auto, dh.build_bases(model, sites, [tokens], sections=None, **run))
+        auto = dh.build_bases(model, sites, [tokens], **RUN)
+    assert_same_bases(auto, dh.build_bases(model, sites, [tokens], sections=None, **RUN))
     with pytest.warns(UserWarning, match="hook of yours"):
-        graph = InteractionGraph().fit(model, basis, [tokens], **run)
+        graph = InteractionGraph().fit(model, basis, [tokens], **RUN)
     assert graph.closed_form_ == []
-    backward = InteractionGraph().fit(model, basis, [tokens], sections=None, **run)
-    for pair in graph.pairs_:
-        want = backward.edges_[pair]
-        torch.testing.assert_close(
-            graph.edges_[pair], want, rtol=1e-10, atol=1e-14 * float(want.max())
-        )
+    assert_same_edges(graph, InteractionGraph().fit(model, basis, [tokens], sections=None, **RUN))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -432,12 +433,7 @@ def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, where, token
     makes the model differ from the section's weights: the Gram pass and the edges refuse
     the batch instead of returning the unhooked model's Jacobians."""
 
-    model = float64_norms(build(family))
-    sites = hf.decoder_sites(model, ["resid_mid", "resid_post"], layers=[1], positions="last")
-    section, _ = find_sections(model, sites)[sites[0].key]
-    run = {"forward": hf.forward, "progress": False}
-    basis = dh.build_bases(model, sites, [tokens], **run)  # unhooked: fine
-    layer = model.get_submodule(hf.decoder_layers(model)[1])
+    model, sites, section, basis, layer = unhooked_case(family, ["resid_mid", "resid_post"], tokens)
     if where == "hidden":
         down = layer.get_submodule("mlp.c_proj" if family == "gpt2" else "mlp.down_proj")
         handle = down.register_forward_pre_hook(lambda m, a: (a[0] * 1.5,))
@@ -446,7 +442,7 @@ def test_a_hook_that_changes_the_mlp_is_refused_not_ignored(family, where, token
     refused = r"(hidden activation|output).*differs.*hook"
     try:
         with pytest.raises(ValueError, match=refused):
-            section.gram_pass(model, [tokens], sites[0], sites[1], **run)
+            section.gram_pass(model, [tokens], sites[0], sites[1], **RUN)
         assert_follows_the_hook(model, sites, tokens, basis)
     finally:
         handle.remove()
